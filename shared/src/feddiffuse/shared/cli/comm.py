@@ -1,0 +1,46 @@
+"""`feddiffuse comm`: replay the communication ledger without training."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ..comm import replay_ledger
+from ..methods import METHODS
+from ._errors import user_errors
+from .info import PRESET_HELP
+
+
+def comm(
+    preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "paper-fmnist",
+    method: Annotated[str, typer.Option(help=f"Method: {', '.join(METHODS)}.")] = "full",
+    clients: Annotated[int, typer.Option(help="Number of clients K.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Number of rounds R.")] = 15,
+    seed: Annotated[int, typer.Option(help="Seed of the USplit assignments.")] = 0,
+    samples_per_client: Annotated[int, typer.Option(
+        help="Sample count written in each upload's metadata (affects header bytes only)."
+    )] = 6000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Count parameters and bytes exchanged by a federation, without training."""
+    with user_errors():
+        ledger = replay_ledger(preset, method, clients, rounds, seed, samples_per_client)
+        totals = ledger.totals()
+        baseline = replay_ledger(preset, "full", clients, rounds, seed, samples_per_client)
+        saving = 1 - totals["total_params"] / baseline.totals()["total_params"]
+        if as_json:
+            typer.echo(json.dumps({
+                "preset": preset, "method": method, "clients": clients, "rounds": rounds,
+                "dtype": "float32", **totals,
+                "saving_vs_full": saving,
+                "per_client": ledger.per_client(),
+                "per_round": ledger.per_round(),
+            }, indent=2))
+            return
+        typer.echo(f"{method} on {preset}, K = {clients}, R = {rounds} (fp32 safetensors)")
+        typer.echo(f"  {'':<10} {'parameters':>15} {'bytes':>15}")
+        for d in ("uplink", "downlink", "total"):
+            typer.echo(f"  {d:<10} {totals[f'{d}_params']:>15,} {totals[f'{d}_bytes']:>15,}")
+        typer.echo(f"  {saving:.1%} fewer parameters than full FedAvg")

@@ -1,0 +1,26 @@
+"""The `feddiffuse` Typer application: one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from .comm import comm
+from .info import info
+from .partition import partition
+from .simulate import simulate
+
+app = typer.Typer(
+    help="FedDiffuse research tools: inspect models, count communication, partition data, "
+         "and simulate federated training of a diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command()(info)
+app.command()(comm)
+app.command()(partition)
+app.command()(simulate)
+
+
+def main() -> None:
+    app()

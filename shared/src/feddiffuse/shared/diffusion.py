@@ -1,0 +1,199 @@
+"""Gaussian diffusion: the noise schedule, the training loss, and two samplers.
+
+- Forward process and ancestral sampler: Ho, Jain, Abbeel, "Denoising Diffusion Probabilistic
+  Models" (2020), Algorithms 1 and 2, with the posterior variance beta-tilde.
+- Deterministic / stochastic fast sampler: Song, Meng, Ermon, "Denoising Diffusion Implicit
+  Models" (2021), equation 12, with eta selecting the amount of noise (eta = 1 ~ DDPM).
+
+The schedule is a plain object of tensors, not an nn.Module, so it can never end up in a
+state_dict or on the wire. Every random draw takes an explicit `torch.Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import UserError
+
+LOSSES = ("huber", "mse")
+
+
+def linear_beta_schedule(timesteps: int = 1000, start: float = 1e-4, end: float = 0.02):
+    """Linear betas of Ho et al. (2020), section 4: 1e-4 to 0.02 over T = 1000 steps."""
+    return torch.linspace(start, end, timesteps, dtype=torch.float64)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded with `seed` (random draws must live on that device)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+@dataclass
+class DiffusionSchedule:
+    """Precomputed schedule quantities, float32, on one device."""
+
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas: torch.Tensor
+    posterior_variance: torch.Tensor
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @classmethod
+    def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+               device: torch.device | str = "cpu") -> DiffusionSchedule:
+        betas = linear_beta_schedule(timesteps, beta_start, beta_end)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        ac_prev = torch.cat((torch.ones(1, dtype=ac.dtype), ac[:-1]))
+        posterior_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=device, dtype=torch.float32)
+
+        return cls(
+            betas=f(betas),
+            alphas_cumprod=f(ac),
+            alphas_cumprod_prev=f(ac_prev),
+            sqrt_alphas_cumprod=f(ac.sqrt()),
+            sqrt_one_minus_alphas_cumprod=f((1.0 - ac).sqrt()),
+            sqrt_recip_alphas=f(alphas.rsqrt()),
+            posterior_variance=f(posterior_var),
+        )
+
+    def to(self, device: torch.device | str) -> DiffusionSchedule:
+        return DiffusionSchedule(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) with the given noise."""
+        a = _gather(self.sqrt_alphas_cumprod, t, x0.ndim)
+        s = _gather(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        return a * x0 + s * noise
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return values.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
+
+
+def diffusion_loss(model: nn.Module, schedule: DiffusionSchedule, x0: torch.Tensor,
+                   generator: torch.Generator, loss: str = "huber") -> torch.Tensor:
+    """Noise-prediction loss with t uniform per sample (Ho et al. 2020, Algorithm 1).
+
+    loss = "huber" (smooth L1, the paper's choice) or "mse" (Ho et al.'s simple loss).
+    """
+    if loss not in LOSSES:
+        raise UserError(f"Unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}.")
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = schedule.q_sample(x0, t, noise)
+    predicted = model(x_t, t)
+    if loss == "huber":
+        return F.smooth_l1_loss(predicted.float(), noise.float())
+    return F.mse_loss(predicted.float(), noise.float())
+
+
+StepCallback = Callable[[int, int], None]
+
+
+@torch.inference_mode()
+def ddpm_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int, ...],
+                generator: torch.Generator, device: torch.device | str = "cpu",
+                on_step: StepCallback | None = None) -> torch.Tensor:
+    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2). Returns [-1, 1]."""
+    device = torch.device(device)
+    x = torch.randn(shape, generator=generator, device=device)
+    total = schedule.timesteps
+    for i, step in enumerate(reversed(range(total))):
+        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+        eps = model(x, t).float()
+        mean = schedule.sqrt_recip_alphas[step] * (
+            x - schedule.betas[step] / schedule.sqrt_one_minus_alphas_cumprod[step] * eps
+        )
+        if step > 0:
+            z = torch.randn(shape, generator=generator, device=device)
+            x = mean + schedule.posterior_variance[step].sqrt() * z
+        else:
+            x = mean
+        if on_step is not None:
+            on_step(i + 1, total)
+    return x.clamp(-1.0, 1.0)
+
+
+def ddim_timesteps(total: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spread over [0, total - 1], descending, always ending at 0."""
+    if not 1 <= steps <= total:
+        raise UserError(f"DDIM steps must be between 1 and {total}, got {steps}.")
+    ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(ts), reverse=True)
+
+
+@torch.inference_mode()
+def ddim_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int, ...],
+                generator: torch.Generator, steps: int = 50, eta: float = 0.0,
+                device: torch.device | str = "cpu",
+                on_step: StepCallback | None = None) -> torch.Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12) over `steps` steps. Returns [-1, 1].
+
+    The predicted x_0 is clipped to [-1, 1] at every step, as is usual for image data.
+    """
+    if eta < 0:
+        raise UserError("DDIM eta must be >= 0.")
+    device = torch.device(device)
+    seq = ddim_timesteps(schedule.timesteps, steps)
+    x = torch.randn(shape, generator=generator, device=device)
+    for i, step in enumerate(seq):
+        prev = seq[i + 1] if i + 1 < len(seq) else -1
+        a_t = schedule.alphas_cumprod[step]
+        a_prev = schedule.alphas_cumprod[prev] if prev >= 0 else torch.ones((), device=device)
+        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+        eps = model(x, t).float()
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1.0, 1.0)
+        # Recompute eps from the clipped x0 so the update stays on the DDIM trajectory.
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
+        direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x = a_prev.sqrt() * x0 + direction
+        if eta > 0 and prev >= 0:
+            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+        if on_step is not None:
+            on_step(i + 1, len(seq))
+    return x.clamp(-1.0, 1.0)
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def sample(model: nn.Module, schedule: DiffusionSchedule, n: int, generator: torch.Generator,
+           sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+           device: torch.device | str = "cpu", batch_size: int = 256,
+           on_step: StepCallback | None = None) -> torch.Tensor:
+    """Sample `n` images from `model` (on `device`) in batches; returns float [-1, 1] on CPU."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+    cfg = model.config  # type: ignore[attr-defined]
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            shape = (b, cfg.channels, cfg.image_size, cfg.image_size)
+            if sampler == "ddim":
+                x = ddim_sample(model, schedule, shape, generator, steps, eta, device, on_step)
+            else:
+                x = ddpm_sample(model, schedule, shape, generator, device, on_step)
+            out.append(x.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

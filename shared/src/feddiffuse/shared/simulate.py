@@ -1,0 +1,234 @@
+"""The federated simulator: the whole loop in one process, with the product's own parts.
+
+Every transfer goes through the wire codec (safetensors bytes, validated on decode), every
+round through `RoundState`, every client's training through `train_local`: the same functions
+the hub and the edge client use, so research numbers come from the product's code.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import load_dataset, partition_indices
+from .data.partition import SPLITS
+from .diffusion import DiffusionSchedule, make_generator, sample
+from .errors import UserError
+from .images import save_grid
+from .ledger import CommLedger
+from .methods import check_method, has_personal_models, personal_segments
+from .model import build_unet, count_parameters, get_preset, segment_map
+from .rounds import RoundState
+from .training import TrainConfig, select_device, train_local
+from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, sha256_hex
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class SimulationConfig:
+    preset: str = "tiny"
+    dataset: str = "fashion-mnist"
+    method: str = "full"
+    clients: int = 2
+    rounds: int = 3
+    local_epochs: int = 1
+    split: str = "iid"
+    beta: float = 0.5
+    seed: int = 0
+    partition_seed: int | None = None  # None: use `seed`
+    limit: int | None = None
+    data_dir: str | None = None
+    out: str = "runs/simulate"
+    batch_size: int | None = None  # None: the preset's default
+    lr: float = 1e-4
+    loss: str = "huber"
+    device: str = "auto"
+    channels_last: bool = False
+    bf16: bool = False
+    sample_count: int = 64  # images in samples.png (per personal model: one row)
+    sample_steps: int = 50
+    max_steps_per_epoch: int | None = None
+
+    def validate(self) -> None:
+        get_preset(self.preset)
+        check_method(self.method)
+        if self.split not in SPLITS:
+            raise UserError(f"Unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}.")
+        if self.clients < 1:
+            raise UserError("--clients must be at least 1.")
+        if self.rounds < 1:
+            raise UserError("--rounds must be at least 1.")
+        if self.local_epochs < 1:
+            raise UserError("--local-epochs must be at least 1.")
+        if not self.beta > 0:
+            raise UserError("--beta must be positive.")
+        if self.limit is not None and self.limit < 1:
+            raise UserError("--limit must be at least 1.")
+        if self.sample_count < 0:
+            raise UserError("The number of sample images cannot be negative.")
+
+
+def client_ids(k: int) -> list[str]:
+    width = max(2, len(str(k - 1)))
+    return [f"client-{i:0{width}d}" for i in range(k)]
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+
+
+def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
+    """Run a simulation and write its report, weights and sample grid under `config.out`."""
+    config.validate()
+    started = time.perf_counter()
+    preset = get_preset(config.preset)
+    cfg = preset.config
+    device, device_reason = select_device(config.device)
+    out = Path(config.out)
+
+    data = load_dataset(config.dataset, image_size=cfg.image_size, channels=cfg.channels,
+                        split="train", data_dir=config.data_dir, limit=config.limit,
+                        seed=config.seed)
+    ids = client_ids(config.clients)
+    part_seed = config.seed if config.partition_seed is None else config.partition_seed
+    parts = partition_indices(len(data), config.clients, config.split, labels=data.labels,
+                              beta=config.beta, seed=part_seed)
+    client_images = {cid: data.images.index_select(0, idx).contiguous()
+                     for cid, idx in zip(ids, parts, strict=True)}
+    sizes = {cid: int(x.shape[0]) for cid, x in client_images.items()}
+
+    model = build_unet(preset, seed=config.seed)
+    seg_of = segment_map(model)
+    counts = count_parameters(model)
+    global_state = _state(model)
+    schedule = DiffusionSchedule.linear()
+    train_cfg = TrainConfig(epochs=config.local_epochs,
+                            batch_size=config.batch_size or preset.batch_size, lr=config.lr,
+                            loss=config.loss, channels_last=config.channels_last,
+                            bf16=config.bf16, max_steps_per_epoch=config.max_steps_per_epoch)
+    personal = personal_segments(config.method)
+    # Each client's own copy of the segments that never travel back (ulatdec, udec).
+    personal_state: dict[str, dict[str, torch.Tensor]] = {}
+
+    log(f"FedDiffuse simulation: {config.method} on {data.name}, {config.clients} client(s), "
+        f"{config.rounds} round(s) x {config.local_epochs} local epoch(s), split {config.split}")
+    log(f"  preset {preset.name} ({counts['total_params']:,} parameters), "
+        f"{len(data):,} training images, device {device} ({device_reason})")
+    log("  client sizes: " + ", ".join(f"{c}={n}" for c, n in sizes.items()))
+
+    ledger = CommLedger()
+    rounds_report = []
+    for r in range(1, config.rounds + 1):
+        round_started = time.perf_counter()
+        state = RoundState.open(config.method, r, ids, global_state, seg_of, seed=config.seed)
+        version = sha256_hex(encode_tensors(global_state, {"kind": "global",
+                                                           "preset": preset.name,
+                                                           "round": r}))
+        payloads: dict[tuple[str, ...], bytes] = {}
+        client_rows = []
+        for i, cid in enumerate(ids):
+            plan = state.plans[cid]
+            if plan.download not in payloads:
+                payloads[plan.download] = encode_tensors(
+                    state.download_tensors(cid),
+                    {"kind": "global", "preset": preset.name, "round": r, "version": version,
+                     "segments": ",".join(plan.download)})
+            body = payloads[plan.download]
+            state.record_download(cid, len(body))
+            received, _ = decode_tensors(body)
+            local = {**personal_state.get(cid, {}), **received}
+            model.load_state_dict(local, strict=True)
+
+            def on_epoch(rep, _model, cid=cid, r=r):
+                log(f"  round {r}/{config.rounds} {cid}: epoch {rep.epoch}/"
+                    f"{config.local_epochs} loss {rep.mean_loss:.4f} "
+                    f"({rep.images / max(rep.seconds, 1e-9):.0f} img/s)")
+
+            result = train_local(model, client_images[cid], schedule, train_cfg,
+                                 seed=config.seed * 10_007 + r * 101 + i, device=device,
+                                 on_epoch=on_epoch)
+            trained = _state(model)
+            if personal:
+                personal_state[cid] = {n: t for n, t in trained.items() if seg_of[n] in personal}
+            upload_shapes = state.expected_upload_shapes(cid)
+            delta = {n: trained[n] - global_state[n] for n in upload_shapes}
+            body = encode_tensors(delta, {"kind": "delta", "preset": preset.name, "round": r,
+                                          "base_version": version,
+                                          "num_samples": sizes[cid],
+                                          "segments": ",".join(plan.upload)})
+            decoded, meta = decode_tensors(body, upload_shapes)
+            state.accept(cid, decoded, int(meta["feddiffuse.num_samples"]), len(body))
+            client_rows.append({"client": cid, "samples": sizes[cid],
+                                "mean_loss": result.mean_loss,
+                                "uploaded": list(plan.upload),
+                                "downloaded": list(plan.download)})
+        outcome = state.finalize()
+        global_state = outcome.global_state
+        ledger.extend(outcome.transfers)
+        tot = ledger.totals(r)
+        cum = ledger.totals()
+        mean_loss = sum(c["mean_loss"] * c["samples"] for c in client_rows) / sum(sizes.values())
+        rounds_report.append({"round": r, "clients": client_rows, "mean_loss": mean_loss,
+                              "ledger": tot, "cumulative_params": cum["total_params"],
+                              "cumulative_bytes": cum["total_bytes"],
+                              "seconds": time.perf_counter() - round_started})
+        log(f"round {r}/{config.rounds} done: mean loss {mean_loss:.4f}, "
+            f"{tot['total_params']:,} params / {tot['total_bytes'] / 1e6:.2f} MB exchanged "
+            f"(cumulative {cum['total_params']:,} / {cum['total_bytes'] / 1e6:.2f} MB), "
+            f"{time.perf_counter() - round_started:.1f} s")
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"preset": preset.name, "method": config.method, "rounds": config.rounds,
+            "seed": config.seed}
+    save_weights(out / "global.safetensors", global_state, {**meta, "kind": "global"})
+    weight_files = {"global": str(out / "global.safetensors")}
+    models_to_sample: dict[str, dict[str, torch.Tensor]] = {}
+    if has_personal_models(config.method):
+        for cid in ids:
+            personal_model = {**global_state, **personal_state[cid]}
+            path = out / f"personal-{cid}.safetensors"
+            save_weights(path, personal_model, {**meta, "kind": "personal", "client": cid})
+            weight_files[cid] = str(path)
+            models_to_sample[cid] = personal_model
+    else:
+        models_to_sample["global"] = global_state
+
+    samples_path = None
+    if config.sample_count > 0:
+        grids = []
+        per_model = (config.sample_count if len(models_to_sample) == 1
+                     else max(1, config.sample_count // len(models_to_sample)))
+        for j, (_name, weights) in enumerate(models_to_sample.items()):
+            model.load_state_dict(weights)
+            model.to(device)
+            gen = make_generator(config.seed * 7 + 1000 + j, device)
+            grids.append(sample(model, schedule.to(device), per_model, gen, "ddim",
+                                steps=config.sample_steps, device=device))
+        nrow = per_model if len(grids) > 1 else None
+        samples_path = save_grid(torch.cat(grids), out / "samples.png", nrow=nrow)
+        log(f"samples: {samples_path} ({len(grids)} model(s), DDIM {config.sample_steps} steps)")
+
+    report = {
+        "config": asdict(config),
+        "preset": {"name": preset.name, **counts},
+        "dataset": {"name": data.name, "images": len(data), "client_sizes": sizes},
+        "device": {"name": str(device), "reason": device_reason},
+        "environment": {"torch": torch.__version__, "python": platform.python_version()},
+        "rounds": rounds_report,
+        "ledger": {"totals": ledger.totals(), "per_client": ledger.per_client()},
+        "files": {"weights": weight_files,
+                  "samples": str(samples_path) if samples_path else None},
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    totals = ledger.totals()
+    log(f"done in {report['seconds']:.1f} s: {totals['total_params']:,} parameters "
+        f"({totals['total_bytes'] / 1e6:.2f} MB) exchanged; report {out / 'report.json'}")
+    return report

@@ -1,0 +1,173 @@
+"""The local training loop, used by the simulator and by the edge client.
+
+Adam (lr 1e-4 by default, a fresh optimiser each round), batch 128, E local epochs over a
+preloaded uint8 image tensor. Randomness is derived from (seed, epoch), so a run resumed from
+an epoch checkpoint continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data.dataset import to_model_range
+from .diffusion import DiffusionSchedule, diffusion_loss, make_generator
+from .errors import UserError
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def select_device(choice: str = "auto") -> tuple[torch.device, str]:
+    """Pick the training device: CUDA > Apple MPS > CPU. Returns (device, reason)."""
+    if choice not in DEVICE_CHOICES:
+        raise UserError(f"Unknown device {choice!r}; choose one of: {', '.join(DEVICE_CHOICES)}.")
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if choice == "cuda":
+        if not cuda:
+            raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
+        return torch.device("cuda"), f"CUDA ({torch.cuda.get_device_name(0)}), as asked"
+    if choice == "mps":
+        if not mps:
+            raise UserError("--device mps was asked for, but Apple MPS is not available.")
+        return torch.device("mps"), "Apple MPS, as asked"
+    if choice == "cpu":
+        return torch.device("cpu"), "CPU, as asked"
+    if cuda:
+        return torch.device("cuda"), f"CUDA GPU found ({torch.cuda.get_device_name(0)})"
+    if mps:
+        return torch.device("mps"), "Apple MPS found (no CUDA GPU)"
+    return torch.device("cpu"), "no CUDA GPU or Apple MPS found"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible seed for each (run seed, epoch)."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2**63 - 1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-4
+    loss: str = "huber"
+    channels_last: bool = False
+    bf16: bool = False  # bf16 autocast for the forward pass (CPU or CUDA)
+    max_steps_per_epoch: int | None = None  # for benchmarks and smoke tests
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UserError("Local epochs must be at least 1.")
+        if self.batch_size < 1:
+            raise UserError("Batch size must be at least 1.")
+        if not self.lr > 0:
+            raise UserError("Learning rate must be positive.")
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based
+    mean_loss: float
+    steps: int
+    images: int
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochReport] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def mean_loss(self) -> float:
+        steps = sum(e.steps for e in self.epochs)
+        if steps == 0:
+            return float("nan")
+        return sum(e.mean_loss * e.steps for e in self.epochs) / steps
+
+    @property
+    def images(self) -> int:
+        return sum(e.images for e in self.epochs)
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.epochs)
+
+
+StepCallback = Callable[[int, int, float], None]  # (step in epoch, steps per epoch, loss)
+EpochCallback = Callable[[EpochReport, nn.Module], None]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSchedule,
+                config: TrainConfig, seed: int, device: torch.device | str = "cpu",
+                start_epoch: int = 0, on_step: StepCallback | None = None,
+                on_epoch: EpochCallback | None = None,
+                should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train `model` in place on `images` (uint8, N x C x H x W) for the configured epochs.
+
+    `start_epoch` skips epochs already done (resume). `should_stop` is polled between steps;
+    when it returns True training stops at once and the result says so.
+    """
+    config.validate()
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError("images must be a uint8 tensor of shape N x C x H x W")
+    n = images.shape[0]
+    if n == 0:
+        raise UserError("There are no images to train on.")
+    device = torch.device(device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    schedule = schedule.to(device)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
+    if config.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    result = TrainResult()
+    for epoch in range(start_epoch, config.epochs):
+        gen_seed = epoch_seed(seed, epoch)
+        order = torch.randperm(n, generator=make_generator(gen_seed, "cpu"))
+        noise_gen = make_generator(gen_seed + 1, device)
+        started = time.perf_counter()
+        loss_sum = 0.0
+        seen = 0
+        steps = 0
+        for step in range(steps_per_epoch):
+            if should_stop is not None and should_stop():
+                result.stopped = True
+                return result
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            batch = to_model_range(images.index_select(0, idx).to(device, non_blocking=True))
+            if config.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config.bf16):
+                loss = diffusion_loss(model, schedule, batch, noise_gen, config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            loss_sum += value * batch.shape[0]
+            seen += batch.shape[0]
+            steps += 1
+            if on_step is not None:
+                on_step(step + 1, steps_per_epoch, value)
+        report = EpochReport(epoch + 1, loss_sum / max(seen, 1), steps, seen,
+                             time.perf_counter() - started)
+        result.epochs.append(report)
+        if on_epoch is not None:
+            on_epoch(report, model)
+    if config.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    return result

@@ -1,0 +1,183 @@
+"""How weights and deltas travel and rest: safetensors only, never pickle.
+
+A FedDiffuse weights file is a safetensors file whose metadata (string -> string) says what it
+is. Keys (all prefixed ``feddiffuse.``):
+
+- ``kind``: ``global`` (a global model or segments of it), ``delta`` (a client's update),
+  ``personal`` (a client's own model), ``checkpoint``.
+- ``preset``: the UNet preset, so any command can rebuild the network without being told.
+- ``round``, ``base_version`` (sha256 of the global file the delta is relative to),
+  ``num_samples``, ``segments`` (comma separated), ``codec`` (``fp32``), ``format_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import UserError, WireFormatError
+
+FORMAT_VERSION = "1"
+PREFIX = "feddiffuse."
+CODECS = ("fp32",)
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB: a paper-celeba header is ~40 KiB
+
+
+def _meta(metadata: Mapping[str, object]) -> dict[str, str]:
+    out = {f"{PREFIX}format_version": FORMAT_VERSION}
+    for k, v in metadata.items():
+        out[k if k.startswith(PREFIX) else PREFIX + k] = str(v)
+    return out
+
+
+def read_metadata_value(metadata: Mapping[str, str], key: str) -> str | None:
+    return metadata.get(PREFIX + key)
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
+                   codec: str = "fp32") -> bytes:
+    """Encode named tensors as safetensors bytes with FedDiffuse metadata."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}")
+    prepared = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
+    return st_save(prepared, metadata=_meta({**metadata, "codec": codec}))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_header(data: bytes) -> tuple[dict, int]:
+    """Parse and check the safetensors header without touching the tensor bytes.
+
+    Returns (header dict, offset of the data section). Raises WireFormatError.
+    """
+    if len(data) < 8:
+        raise WireFormatError("file is too short to be safetensors")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise WireFormatError(f"safetensors header of {n} bytes exceeds the limit")
+    if 8 + n > len(data):
+        raise WireFormatError("safetensors header runs past the end of the file")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireFormatError("safetensors header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise WireFormatError("safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def decode_tensors(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                   require_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Decode safetensors bytes, checking names, dtype, shapes and finiteness.
+
+    With `expected_shapes`, the names must be exactly those keys and the shapes must match.
+    Raises WireFormatError on anything else.
+    """
+    header, _ = read_header(data)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise WireFormatError("safetensors metadata must map strings to strings")
+    if expected_shapes is not None:
+        names = set(header) - {"__metadata__"}
+        missing = set(expected_shapes) - names
+        extra = names - set(expected_shapes)
+        if missing or extra:
+            raise WireFormatError(
+                f"tensor names do not match: {len(missing)} missing, {len(extra)} unexpected"
+            )
+        for name, shape in expected_shapes.items():
+            info = header[name]
+            if not isinstance(info, dict) or info.get("dtype") != "F32":
+                raise WireFormatError(f"tensor {name!r} must be F32")
+            if tuple(info.get("shape", ())) != tuple(shape):
+                raise WireFormatError(f"tensor {name!r} has shape {info.get('shape')}, "
+                                      f"expected {list(shape)}")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise WireFormatError(f"not a valid safetensors file: {exc}") from exc
+    if require_finite:
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WireFormatError(f"tensor {name!r} holds NaN or infinite values")
+    return tensors, dict(metadata)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_weights(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, object]) -> int:
+    """Atomically write a weights file; returns its size in bytes."""
+    if "preset" not in metadata and PREFIX + "preset" not in metadata:
+        raise ValueError("a weights file must record its preset")
+    data = encode_tensors(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a FedDiffuse weights file (safetensors; never unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No weights file at {path}; give the path of a .safetensors file.")
+    try:
+        return decode_tensors(path.read_bytes(), require_finite=False)
+    except WireFormatError as exc:
+        raise UserError(f"{path} is not a FedDiffuse weights file ({exc}).") from exc
+
+
+def load_model(path: str | Path):
+    """Build the UNet recorded in a weights file and load its weights. Returns (model, meta)."""
+    from .model import build_unet, get_preset  # local: keep wire importable without the model
+
+    tensors, meta = load_weights(path)
+    preset = read_metadata_value(meta, "preset")
+    if preset is None:
+        raise UserError(f"{path} does not record its preset; it was not written by FedDiffuse.")
+    model = build_unet(get_preset(preset))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path} does not hold a complete {preset} model "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors).")
+    return model, meta
+
+
+def payload_bytes(num_params: int, header_bytes: int) -> int:
+    """Size of an fp32 safetensors payload: 8-byte length, header, 4 bytes per parameter."""
+    return 8 + header_bytes + 4 * num_params
+
+
+def is_finite_number(x: float) -> bool:
+    return math.isfinite(x)
