@@ -95,7 +95,7 @@ PRESETS: dict[str, Preset] = {
             linear_attention=(False, False, True),
             mid_attention=True,
         ),
-        "A CPU-sized Fashion-MNIST UNet (1,009,111 parameters): same blocks, attention only at 7x7.",
+        "A CPU-sized Fashion-MNIST UNet (1,009,111 parameters), attention only at 7x7.",
         batch_size=128,
     ),
 }

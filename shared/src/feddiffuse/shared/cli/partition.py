@@ -7,8 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ..data import class_names, client_class_table, format_class_table, load_dataset
-from ..data import partition_indices
+from ..data import (
+    class_names,
+    client_class_table,
+    format_class_table,
+    load_dataset,
+    partition_indices,
+)
 from ..model import get_preset
 from ._errors import user_errors
 from .info import PRESET_HELP

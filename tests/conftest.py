@@ -1,0 +1,55 @@
+"""Shared test configuration: keep torch to the machine's cores and the suite hermetic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_available() -> bool:
+    return (FMNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+def check_fashion_mnist_installed() -> None:
+    """Tests that need the real data: skipped locally without it, but failed in CI."""
+    if not fashion_mnist_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install the Debian package dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_fmnist: needs the real Fashion-MNIST files (mandatory in CI)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_fmnist") is not None:
+        check_fashion_mnist_installed()
+
+
+@pytest.fixture
+def fmnist_required():
+    check_fashion_mnist_installed()
+
+
+@pytest.fixture(scope="module")
+def fmnist_required_module():
+    check_fashion_mnist_installed()
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_home(tmp_path_factory, monkeypatch):
+    """Point user cache/state directories at a temporary folder."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
+    monkeypatch.setenv("FEDDIFFUSE_HOME", str(home / "feddiffuse"))
