@@ -168,7 +168,7 @@ def test_labels_may_be_any_integer_tensor(labels: torch.Tensor) -> None:
         ({"beta": 0.0}, "beta must be a positive"),
         ({"beta": -1.0}, "beta must be a positive"),
         ({"beta": float("nan")}, "beta must be a positive"),
-        ({"num_samples": 40, "min_size": 10}, "at least 10 of 40"),
+        ({"num_samples": 40, "min_size": 10}, "at least 10 samples, so 40 samples are too few"),
         ({"min_size": -1}, "min_size"),
         ({"split": "label-skew", "labels": None}, "needs class labels"),
         ({"split": "label-skew", "labels": torch.zeros(7, dtype=torch.int64)}, "7 labels"),
@@ -208,3 +208,8 @@ def test_class_table_and_format() -> None:
     with pytest.raises(ValueError):
         format_class_table(table, ["too", "few"])
     assert len(FASHION_MNIST_CLASSES) == 10 and FASHION_MNIST_CLASSES[9] == "Ankle boot"
+
+
+def test_iid_needs_only_one_sample_per_client() -> None:
+    parts = partition_indices(12, 2, "iid", seed=0)
+    assert [len(p) for p in parts] == [6, 6]

@@ -63,10 +63,11 @@ def _validate(num_samples: int, num_clients: int, split: str, beta: float, min_s
         raise UserError(f"beta must be a positive number, not {beta}; the paper uses 0.5.")
     if min_size < 0:
         raise UserError(f"min_size must be 0 or more, not {min_size}.")
-    if min_size * num_clients > num_samples:
+    if split != "iid" and min_size * num_clients > num_samples:
         raise UserError(
-            f"Cannot give each of {num_clients} clients at least {min_size} of {num_samples} "
-            "samples; use fewer clients, more data or a smaller min_size."
+            f"The {split} split gives every client at least {min_size} samples, so "
+            f"{num_samples} samples are too few for {num_clients} clients; use fewer clients, "
+            "more data or the iid split."
         )
 
 
@@ -151,8 +152,9 @@ def partition_indices(
 ) -> list[torch.Tensor]:
     """Split ``range(num_samples)`` into ``num_clients`` disjoint int64 index tensors.
 
-    Every sample is assigned to exactly one client, and every client gets at least
-    ``min_size`` samples. ``label-skew`` needs ``labels`` (``num_samples`` non-negative
+    Every sample is assigned to exactly one client. The skewed splits give every client at
+    least ``min_size`` samples (redrawing as the paper does); ``iid`` splits as equally as
+    possible and only needs one sample per client. ``label-skew`` needs ``labels`` (``num_samples`` non-negative
     integers); ``beta`` is the Dirichlet concentration of the two skewed splits (smaller is
     more skewed). See the module docstring for the exact recipes.
     """
