@@ -1,0 +1,141 @@
+"""The hub <-> client protocol: URL paths, pydantic wire models, error codes.
+
+Both the hub (FastAPI) and the edge client (httpx) import these, so the two sides cannot drift.
+Weights travel as safetensors bodies (see `wire`), never inside JSON.
+
+Endpoints (all under API_PREFIX = "/api/v1"; a client sends `Authorization: Bearer <token>`):
+
+    GET  /federation                      -> FederationInfo
+    GET  /manifest                        -> Manifest for the caller and the current round
+    GET  /models/{version}?segments=a,b   -> safetensors of those segments of that global
+                                             version (ETag = "<version>:<segments>", Range ok)
+    PUT  /rounds/{round}/update           -> UploadReceipt; body: a delta safetensors file
+    GET  /admin/status                    -> HubStatus            (admin token)
+    POST /admin/rounds/current/close      -> HubStatus            (admin token)
+    POST /admin/rounds/current/extend     -> HubStatus; body ExtendRequest (admin token)
+
+Errors are `ErrorBody` JSON with a machine-readable `code` (ErrorCode) and a `message`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_PREFIX = "/api/v1"
+PROTOCOL_VERSION = 1
+SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
+
+# Metadata keys (without the "feddiffuse." prefix the wire module adds) of an uploaded delta.
+DELTA_METADATA_KEYS = ("kind", "preset", "round", "base_version", "num_samples", "segments",
+                       "codec")
+OPTIONAL_DELTA_METADATA_KEYS = ("mean_loss",)  # the client's mean training loss this round
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"  # missing or unknown token
+    FORBIDDEN = "forbidden"  # revoked token, or a client token on an admin endpoint
+    NOT_FOUND = "not_found"
+    ROUND_CLOSED = "round_closed"  # the upload is for a round that is no longer open
+    NOT_PARTICIPANT = "not_participant"  # the caller is not part of this round
+    WRONG_SEGMENTS = "wrong_segments"  # the upload holds other segments than assigned
+    CONFLICT = "conflict"  # a different upload for the same client and round exists
+    STALE_BASE = "stale_base"  # the delta is relative to another global version
+    INVALID_UPLOAD = "invalid_upload"  # not a valid safetensors delta (names, shapes, NaN...)
+    TOO_LARGE = "too_large"
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+    FEDERATION_FINISHED = "federation_finished"
+    INTERNAL = "internal"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorBody(_Model):
+    code: ErrorCode
+    message: str
+
+
+class TrainingSettings(_Model):
+    local_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    loss: str = "huber"
+    seed: int = 0  # the client's training seed for this round
+
+
+class RoundPhase(StrEnum):
+    OPEN = "open"  # the caller should train and upload
+    REPORTED = "reported"  # the caller already uploaded; wait for the next round
+    WAITING = "waiting"  # the caller is not part of the current round; wait for the next
+    FINISHED = "finished"  # the federation is over; the final model can be downloaded
+
+
+class Manifest(_Model):
+    protocol: int = PROTOCOL_VERSION
+    federation: str
+    client_id: str
+    phase: RoundPhase
+    round: int  # the current round (after the last round: the number of rounds)
+    rounds: int
+    method: str
+    preset: str
+    global_version: str  # sha256 hex of the global model's full safetensors file
+    download_segments: list[str]
+    upload_segments: list[str]
+    training: TrainingSettings
+    deadline: datetime | None = None
+    retry_after_s: float | None = None  # for WAITING / REPORTED: when to ask again
+
+
+class FederationInfo(_Model):
+    protocol: int = PROTOCOL_VERSION
+    name: str
+    preset: str
+    method: str
+    rounds: int
+    local_epochs: int
+    min_clients: int
+    round_timeout_s: float | None
+    current_round: int
+    finished: bool
+    parameters: dict[str, int]  # segment -> parameter count, plus "total"
+
+
+class UploadReceipt(_Model):
+    round: int
+    client_id: str
+    sha256: str
+    segments: list[str]
+    num_samples: int
+    bytes: int
+    received_at: datetime
+
+
+class RoundSummary(_Model):
+    round: int
+    participants: list[str]
+    reported: list[str]
+    missing: list[str]
+    bytes_in: int
+    bytes_out: int
+    mean_loss: float | None
+    opened_at: datetime
+    closed_at: datetime | None = None
+    global_version: str  # the version the round started from
+
+
+class HubStatus(_Model):
+    federation: FederationInfo
+    current: RoundSummary | None
+    deadline: datetime | None
+    waiting_for_quorum: bool
+    history: list[RoundSummary]
+
+
+class ExtendRequest(_Model):
+    seconds: float = Field(gt=0, le=7 * 24 * 3600)
