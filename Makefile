@@ -14,7 +14,7 @@ $(STAMP): requirements-dev.txt shared/pyproject.toml hub/pyproject.toml edge_cli
 
 demo: $(STAMP)
 	$(BIN)/feddiffuse simulate --preset tiny --dataset fashion-mnist --method usplit \
-		--clients 3 --rounds 3 --local-epochs 1 --split iid --limit 3000 --seed 0 \
+		--clients 3 --rounds 4 --local-epochs 1 --split iid --limit 6000 --lr 1e-3 --seed 0 \
 		--out runs/demo
 
 test: $(STAMP)
