@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from feddiffuse.shared.cli import app
@@ -92,3 +93,25 @@ def test_partition_prints_the_class_table():
     assert sum(map(sum, data["table"])) == 3000
     text = runner.invoke(app, ["partition", "--clients", "3", "--limit", "300"])
     assert text.exit_code == 0 and "T-shirt" in text.output
+
+
+@pytest.mark.requires_fmnist
+def test_partition_export_writes_one_png_folder_per_client(tmp_path):
+    from feddiffuse.shared.data import load_dataset, load_image_folder, partition_indices
+
+    out = tmp_path / "clients"
+    real = load_dataset("fashion-mnist", image_size=28, channels=1, limit=90, seed=1)
+    parts = partition_indices(90, 3, "quantity-skew", labels=real.labels, seed=1)
+    res = runner.invoke(app, ["partition", "--clients", "3", "--split", "quantity-skew",
+                              "--limit", "90", "--seed", "1", "--export", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert sorted(p.name for p in out.iterdir()) == ["client-00", "client-01", "client-02"]
+    for i, cid in enumerate(sorted(data["export"])):
+        pngs = list((out / cid).glob("*.png"))
+        assert len(pngs) == data["sizes"][i]
+        loaded = load_image_folder(out / cid, 28, 1)
+        assert torch.equal(loaded.images, real.images[parts[i]])  # pixel-exact
+    again = runner.invoke(app, ["partition", "--clients", "3", "--limit", "90",
+                                "--export", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output

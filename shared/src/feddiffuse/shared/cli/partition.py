@@ -15,6 +15,7 @@ from ..data import (
     partition_indices,
 )
 from ..model import get_preset
+from ..partition_export import export_partition
 from ._errors import user_errors
 from .info import PRESET_HELP
 
@@ -30,6 +31,9 @@ def partition(
     limit: Annotated[int | None, typer.Option(help="Use a random subset of N images.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset.")] = None,
     preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "paper-fmnist",
+    export: Annotated[str | None, typer.Option(
+        help="Write each client's share as PNG files, one folder per client under DIR.",
+        metavar="DIR")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Partition a dataset among K clients and print the client x class table."""
@@ -40,13 +44,15 @@ def partition(
         parts = partition_indices(len(data), clients, split, labels=data.labels, beta=beta,
                                   seed=seed)
         sizes = [int(p.numel()) for p in parts]
+        exported = export_partition(data, parts, export) if export else None
         table = (client_class_table(parts, data.labels, data.num_classes)
                  if data.labels is not None else None)
         if as_json:
             typer.echo(json.dumps({"dataset": data.name, "clients": clients, "split": split,
                                    "beta": beta, "seed": seed, "sizes": sizes,
                                    "classes": list(class_names(data) or []),
-                                   "table": table}, indent=2))
+                                   "table": table,
+                                   "export": exported}, indent=2))
             return
         typer.echo(f"{data.name}: {len(data):,} images, {clients} clients, split {split}"
                    + (f" (beta {beta})" if split != "iid" else "") + f", seed {seed}")
@@ -55,3 +61,6 @@ def partition(
         else:
             for i, n in enumerate(sizes):
                 typer.echo(f"  client {i}: {n:,} images")
+        if exported:
+            typer.echo(f"wrote {len(data):,} PNG files into {len(exported)} folders under "
+                       f"{export}")
