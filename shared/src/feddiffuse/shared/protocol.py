@@ -13,8 +13,13 @@ Endpoints (all under API_PREFIX = "/api/v1"; a client sends `Authorization: Bear
     GET  /admin/status                    -> HubStatus            (admin token)
     POST /admin/rounds/current/close      -> HubStatus            (admin token)
     POST /admin/rounds/current/extend     -> HubStatus; body ExtendRequest (admin token)
+    GET  /health                          -> {"status": "ok", "protocol": 1} (no token; probes)
 
-Errors are `ErrorBody` JSON with a machine-readable `code` (ErrorCode) and a `message`.
+Errors are `ErrorBody` JSON with a machine-readable `code` (ErrorCode) and a `message`; the
+HTTP status of each code is `ERROR_STATUS`. Model downloads carry `CONTENT_SHA256_HEADER` (the
+sha256 of the whole file, also on a 206), and an upload may send it so the hub can check the
+bytes it received. Segments in URLs and ETags are comma separated, in the order encoder,
+bottleneck, decoder; without `segments` the whole model is served, whose sha256 is `version`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 API_PREFIX = "/api/v1"
 PROTOCOL_VERSION = 1
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
+CONTENT_SHA256_HEADER = "X-Content-SHA256"  # hex sha256 of a whole weights file
 
 # Metadata keys (without the "feddiffuse." prefix the wire module adds) of an uploaded delta.
 DELTA_METADATA_KEYS = ("kind", "preset", "round", "base_version", "num_samples", "segments",
@@ -49,6 +55,25 @@ class ErrorCode(StrEnum):
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
     FEDERATION_FINISHED = "federation_finished"
     INTERNAL = "internal"
+
+
+# The HTTP status the hub answers with for each error code.
+ERROR_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.ROUND_CLOSED: 409,
+    ErrorCode.NOT_PARTICIPANT: 409,
+    ErrorCode.WRONG_SEGMENTS: 409,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.STALE_BASE: 409,
+    ErrorCode.INVALID_UPLOAD: 422,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RANGE_NOT_SATISFIABLE: 416,
+    ErrorCode.FEDERATION_FINISHED: 409,
+    ErrorCode.INTERNAL: 500,
+}
 
 
 class _Model(BaseModel):
@@ -135,6 +160,7 @@ class HubStatus(_Model):
     deadline: datetime | None
     waiting_for_quorum: bool
     history: list[RoundSummary]
+    note: str | None = None  # one human sentence on what the hub is doing or waiting for
 
 
 class ExtendRequest(_Model):

@@ -79,6 +79,57 @@ def read_header(data: bytes) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def check_layout(header: Mapping[str, object],
+                 expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
+    """Check a parsed header on its own, before any tensor byte is read; returns the data size.
+
+    Every entry must be ``{"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}`` with
+    ``end - begin == 4 * prod(shape)``, and the entries must tile the data section with no gap
+    or overlap. With `expected_shapes`, the names must be exactly its keys and the shapes must
+    match. This lets a receiver validate a file while streaming it to disk (the hub), with the
+    tensor bytes then checked chunk by chunk. Raises WireFormatError.
+    """
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise WireFormatError("safetensors metadata must map strings to strings")
+    spans: list[tuple[int, int]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise WireFormatError(f"tensor {name!r} has a malformed header entry")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if info["dtype"] != "F32":
+            raise WireFormatError(f"tensor {name!r} must be F32")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise WireFormatError(f"tensor {name!r} has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise WireFormatError(f"tensor {name!r} has malformed data offsets")
+        if offsets[1] - offsets[0] != 4 * math.prod(shape):
+            raise WireFormatError(f"tensor {name!r}: its byte range does not match its shape")
+        spans.append((offsets[0], offsets[1]))
+    if expected_shapes is not None:
+        names = set(header) - {"__metadata__"}
+        missing = set(expected_shapes) - names
+        extra = names - set(expected_shapes)
+        if missing or extra:
+            raise WireFormatError(
+                f"tensor names do not match: {len(missing)} missing, {len(extra)} unexpected"
+            )
+        for name, shape in expected_shapes.items():
+            got = header[name]["shape"]  # type: ignore[index]
+            if tuple(got) != tuple(shape):
+                raise WireFormatError(f"tensor {name!r} has shape {got}, expected {list(shape)}")
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise WireFormatError("tensor data ranges overlap or leave gaps")
+        end = stop
+    return end
+
+
 def decode_tensors(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
                    require_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Decode safetensors bytes, checking names, dtype, shapes and finiteness.

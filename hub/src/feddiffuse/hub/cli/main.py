@@ -1,0 +1,159 @@
+"""The `feddiffuse-hub` Typer application."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import HubDir, fail, user_errors
+from .tokens import token_app
+
+app = typer.Typer(
+    help="FedDiffuse hub: run federated rounds of diffusion-model training over HTTP(S).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(token_app, name="token")
+
+
+@app.command()
+def version() -> None:
+    """Print the hub's version and the core version it is pinned to."""
+    from importlib.metadata import version as dist_version
+
+    typer.echo(f"feddiffuse-hub {dist_version('feddiffuse-hub')} "
+               f"(feddiffuse-core {dist_version('feddiffuse-core')})")
+
+
+@app.command()
+def init(
+    hub_dir: Annotated[Path, typer.Argument(help="A new (or empty) folder for the hub.",
+                                            show_default=False)],
+    preset: Annotated[str, typer.Option(help="UNet preset: paper-fmnist, paper-celeba, tiny.",
+                                        show_default=False)],
+    method: Annotated[str, typer.Option(help="full, usplit, ulatdec or udec.",
+                                        show_default=False)],
+    rounds: Annotated[int, typer.Option(help="Number of federated rounds.",
+                                        show_default=False)],
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.",
+                                              show_default=False)],
+    min_clients: Annotated[int, typer.Option(
+        help="Quorum: reports needed to close a round at its deadline; also the number of "
+             "enrolled clients a round needs to open.")] = 1,
+    round_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a round stays open before it closes with the quorum (default: no "
+             "deadline; a round waits for every participant).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights, USplit pairs and "
+                                           "training seeds.")] = 0,
+    batch_size: Annotated[int | None, typer.Option(help="Clients' batch size (default: the "
+                                                        "preset's).")] = None,
+    lr: Annotated[float, typer.Option(help="Clients' Adam learning rate.")] = 1e-4,
+    name: Annotated[str | None, typer.Option(help="Federation name (default: the folder's "
+                                                  "name).")] = None,
+) -> None:
+    """Create a hub: a SQLite database, a blob folder and the initial global model."""
+    from ..create import init_hub
+    from ..settings import FederationSettings
+
+    with user_errors():
+        settings = FederationSettings(
+            name=name or hub_dir.resolve().name or "feddiffuse", preset=preset, method=method,
+            rounds=rounds, local_epochs=local_epochs, min_clients=min_clients,
+            round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr)
+        token, version_ = init_hub(hub_dir, settings)
+    typer.echo(f"Created hub {settings.name!r} in {hub_dir}: {method} on {preset}, {rounds} "
+               f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}; initial "
+               f"global version {version_[:16]}...", err=True)
+    typer.echo("Admin token (shown once; keep it safe):", err=True)
+    typer.echo(token)
+
+
+@app.command()
+def serve(
+    hub_dir: HubDir,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info or warning.")] = "info",
+) -> None:
+    """Serve the hub's API with uvicorn (one log line per request and per round event)."""
+    import uvicorn
+
+    from ..app import create_app
+    from ..coordinator import Hub
+
+    with user_errors():
+        if (tls_cert is None) != (tls_key is None):
+            fail("Give both --tls-cert and --tls-key, or neither.")
+        for f in (tls_cert, tls_key):
+            if f is not None and not f.is_file():
+                fail(f"{f} is not a file; give the path of a PEM file.")
+        if not 0 < port < 65536:
+            fail("--port must be between 1 and 65535.")
+        if log_level not in ("debug", "info", "warning"):
+            fail("--log-level must be debug, info or warning.")
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
+                            "%(name)s: %(message)s", force=True)
+        hub = Hub.open(hub_dir, serve=True)
+    scheme = "https" if tls_cert else "http"
+    try:
+        logging.getLogger("feddiffuse.hub").info(
+            "serving %r on %s://%s:%d/api/v1 (docs at /api/v1/docs)", hub.settings.name,
+            scheme, host, port)
+        config = uvicorn.Config(create_app(hub), host=host, port=port,
+                                ssl_certfile=str(tls_cert) if tls_cert else None,
+                                ssl_keyfile=str(tls_key) if tls_key else None,
+                                log_config=None, access_log=False, log_level=log_level,
+                                timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run()
+    finally:
+        hub.close()
+
+
+@app.command()
+def status(
+    hub_dir: HubDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the HubStatus JSON.")] = False,
+) -> None:
+    """The federation, the current round, who reported, the deadline, and the history."""
+    from ..coordinator import Hub
+    from .render import render_status
+
+    with user_errors(), Hub.open(hub_dir) as hub:
+        report = hub.status()
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        typer.echo(render_status(report, datetime.now(tz=UTC)))
+
+
+@app.command()
+def export(
+    hub_dir: HubDir,
+    out: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.",
+                                        show_default=False)],
+) -> None:
+    """Write the current global model (a safetensors file whose sha256 is its version)."""
+    from ..coordinator import Hub
+
+    with user_errors():
+        if out.is_dir():
+            fail(f"{out} is a folder; give a file name such as {out / 'global.safetensors'}.")
+        if not out.parent.is_dir():
+            fail(f"The folder {out.parent} does not exist; create it first.")
+        with Hub.open(hub_dir) as hub:
+            version_, size = hub.export(out)
+            finished = hub.store.federation().finished
+    state = "final" if finished else "current"
+    typer.echo(f"Wrote the {state} global model (version {version_[:16]}..., "
+               f"{size / 1e6:.2f} MB) to {out}.")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,47 @@
+"""`feddiffuse-hub init`: a new hub directory with its initial global model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from feddiffuse.shared.errors import UserError
+from feddiffuse.shared.model import build_unet
+
+from .blobs import BlobStore
+from .paths import HubPaths
+from .settings import FederationSettings
+from .store import open_store
+from .store.base import VersionRow
+from .tokens import hash_token, new_token
+from .weights import encode_global
+
+
+def init_hub(root: str | Path, settings: FederationSettings, *,
+             clock: Callable[[], float] = time.time) -> tuple[str, str]:
+    """Create a hub directory; returns (admin token, initial global version).
+
+    Every check comes first, so that a mistake writes nothing.
+    """
+    paths = HubPaths(Path(root))
+    settings = settings.validated()
+    if paths.root.exists() and (not paths.root.is_dir() or any(paths.root.iterdir())):
+        raise UserError(f"{paths.root} exists and is not an empty folder; give a new or empty "
+                        "folder for the hub.")
+    if not paths.root.parent.is_dir():
+        raise UserError(f"The folder {paths.root.parent} does not exist; create it first.")
+    model = build_unet(settings.preset, seed=settings.seed)
+    data = encode_global({n: p.detach() for n, p in model.named_parameters()},
+                         settings.preset, 1)
+    paths.root.mkdir(exist_ok=True)
+    paths.blobs.mkdir()
+    version = BlobStore(paths.blobs).write_bytes(data)
+    token = new_token()
+    store = open_store(paths.db, create=True)
+    try:
+        store.create(settings, VersionRow(version, 1, len(data), clock()), hash_token(token),
+                     clock())
+    finally:
+        store.close()
+    return token, version

@@ -1,0 +1,201 @@
+"""The API's endpoints (feddiffuse.shared.protocol), under API_PREFIX."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from feddiffuse.shared.model import SEGMENTS
+from feddiffuse.shared.protocol import (
+    CONTENT_SHA256_HEADER,
+    PROTOCOL_VERSION,
+    SAFETENSORS_MEDIA_TYPE,
+    ErrorBody,
+    ErrorCode,
+    ExtendRequest,
+    FederationInfo,
+    HubStatus,
+    Manifest,
+    UploadReceipt,
+)
+
+from .coordinator import Caller, Hub
+from .downloads import etag_matches, file_response, not_modified, requested_range
+from .errors import HubError
+from .uploads import DRAIN_LIMIT, UploadReceiver
+
+FEED_BATCH = 1 << 20  # bytes of body handed to the receiver at once (bounds memory per upload)
+_bearer = HTTPBearer(auto_error=False, description="A client token, or the admin token.")
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorBody} for s in (400, 401, 403, *statuses)}
+
+
+router = APIRouter()
+
+
+def get_hub(request: Request) -> Hub:
+    return request.app.state.hub
+
+
+def authenticate(request: Request, credentials: Annotated[
+        HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    if credentials is None:
+        raise HubError(ErrorCode.UNAUTHORIZED, "send your token as 'Authorization: Bearer "
+                       "<token>'", {"WWW-Authenticate": "Bearer"})
+    caller = get_hub(request).identify(credentials.credentials)
+    request.state.caller = caller.name
+    return caller
+
+
+def client_caller(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    if caller.is_admin:
+        raise HubError(ErrorCode.FORBIDDEN, "the admin token is not a client's; use a client "
+                       "token (feddiffuse-hub token create)")
+    return caller
+
+
+def admin_caller(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
+    if not caller.is_admin:
+        raise HubError(ErrorCode.FORBIDDEN, "this endpoint needs the admin token")
+    return caller
+
+
+ClientCaller = Annotated[Caller, Depends(client_caller)]
+AnyCaller = Annotated[Caller, Depends(authenticate)]
+AdminCaller = Annotated[Caller, Depends(admin_caller)]
+
+
+@router.get("/health", tags=["service"])
+async def health() -> dict:
+    """Liveness probe; needs no token."""
+    return {"status": "ok", "protocol": PROTOCOL_VERSION}
+
+
+@router.get("/federation", response_model=FederationInfo, responses=_errors(), tags=["client"])
+def federation(request: Request, caller: AnyCaller) -> FederationInfo:
+    """The federation's settings and progress."""
+    return get_hub(request).federation_info()
+
+
+@router.get("/manifest", response_model=Manifest, responses=_errors(), tags=["client"])
+def manifest(request: Request, caller: ClientCaller) -> Manifest:
+    """What the caller does in the current round."""
+    return get_hub(request).manifest(caller.name)
+
+
+@router.head("/models/{version}", response_class=Response, include_in_schema=False)
+@router.get(
+    "/models/{version}", response_class=Response,
+    responses={200: {"content": {SAFETENSORS_MEDIA_TYPE: {}},
+                     "description": "the safetensors file"},
+               206: {"description": "the requested byte range"},
+               304: {"description": "the caller's copy (If-None-Match) is current"},
+               **_errors(404, 416)},
+    tags=["client"])
+def download_model(
+    request: Request,
+    caller: AnyCaller,
+    version: Annotated[str, Path(description="sha256 of the global model")],
+    segments: Annotated[str | None, Query(
+        description=f"comma separated, of {', '.join(SEGMENTS)}; all when absent")] = None,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range")] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    """A global model version, or some of its segments, as safetensors."""
+    hub = get_hub(request)
+    served = hub.model_file(version, segments)
+    if etag_matches(if_none_match, served.etag):
+        return not_modified(served)
+    byte_range = requested_range(range_header, if_range, served.etag, served.size)
+    head = request.method == "HEAD"
+    if not head:
+        hub.record_download(caller, served,
+                            byte_range.length if byte_range is not None else served.size)
+    return file_response(served, byte_range, head=head)
+
+
+@router.put(
+    "/rounds/{round_index}/update", response_model=UploadReceipt,
+    responses=_errors(404, 409, 413, 422), tags=["client"],
+    openapi_extra={"requestBody": {"required": True, "content": {
+        SAFETENSORS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_update(
+    request: Request,
+    caller: ClientCaller,
+    round_index: Annotated[int, Path(ge=1, le=1_000_000)],
+) -> UploadReceipt:
+    """Upload the caller's delta for a round (a safetensors file, streamed)."""
+    hub = get_hub(request)
+    try:
+        ticket = await run_in_threadpool(hub.prepare_upload, caller.name, round_index)
+    except HubError:
+        await _drain(request, hub.layout.upload_cap(SEGMENTS) + DRAIN_LIMIT)
+        raise
+    receiver = UploadReceiver(ticket, hub.blobs, hub.layout,
+                              request.headers.get(CONTENT_SHA256_HEADER))
+    try:
+        receiver.check_declared_length(_content_length(request))
+        # Hashing, checking and writing run in a worker thread, a batch at a time, while the
+        # event loop goes on parsing HTTP: two cores busy instead of one.
+        batch = bytearray()
+        if not receiver.stop_reading:
+            async for chunk in request.stream():
+                batch += chunk
+                if len(batch) >= FEED_BATCH:
+                    await run_in_threadpool(receiver.feed, bytes(batch))
+                    batch.clear()
+                    if receiver.stop_reading:
+                        break
+        if batch and not receiver.stop_reading:
+            await run_in_threadpool(receiver.feed, bytes(batch))
+        received = await run_in_threadpool(receiver.finish)
+        return await run_in_threadpool(hub.commit_upload, ticket, received)
+    except ClientDisconnect:
+        raise HubError(ErrorCode.BAD_REQUEST, "the client went away before the upload "
+                       "ended") from None
+    finally:
+        receiver.discard()
+
+
+@router.get("/admin/status", response_model=HubStatus, responses=_errors(), tags=["admin"])
+def admin_status(request: Request, caller: AdminCaller) -> HubStatus:
+    """The federation, the current round, who has reported, the deadline, the history."""
+    return get_hub(request).status()
+
+
+@router.post("/admin/rounds/current/close", response_model=HubStatus,
+             responses=_errors(409), tags=["admin"])
+def admin_close(request: Request, caller: AdminCaller) -> HubStatus:
+    """Close the current round now and aggregate what has been reported (at least one)."""
+    return get_hub(request).close_round_now()
+
+
+@router.post("/admin/rounds/current/extend", response_model=HubStatus,
+             responses=_errors(409), tags=["admin"])
+def admin_extend(request: Request, caller: AdminCaller, body: ExtendRequest) -> HubStatus:
+    """Move the current round's deadline back by `seconds` (from now if it has passed)."""
+    return get_hub(request).extend_round(body.seconds)
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdecimal() else None
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop a refused body (up to `limit`), so the client gets the answer."""
+    seen = 0
+    with contextlib.suppress(ClientDisconnect):
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return

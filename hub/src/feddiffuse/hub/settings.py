@@ -1,0 +1,69 @@
+"""A federation's settings, fixed at `init`, and the seeds derived from them."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from feddiffuse.shared.errors import UserError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    name: str
+    preset: str
+    method: str
+    rounds: int
+    local_epochs: int
+    min_clients: int = 1  # the quorum: reports needed to close a round at its deadline
+    round_timeout_s: float | None = None  # None: a round waits for every participant
+    seed: int = 0  # initial weights, USplit pairs and the clients' training seeds
+    batch_size: int | None = None  # None: the preset's default
+    lr: float = 1e-4
+    loss: str = "huber"
+
+    def validated(self) -> FederationSettings:
+        """These settings with defaults resolved; raises UserError on a bad value."""
+        # Imported here: the model and diffusion modules load PyTorch, which the store and
+        # the token commands do not need.
+        from feddiffuse.shared.diffusion import LOSSES
+        from feddiffuse.shared.methods import check_method
+        from feddiffuse.shared.model import get_preset
+
+        preset = get_preset(self.preset)
+        check_method(self.method)
+        if not _NAME.fullmatch(self.name):
+            raise UserError("A federation name has 1 to 64 letters, digits, spaces, '.', '_' "
+                            "or '-', starting with a letter or digit; pass --name.")
+        if self.rounds < 1:
+            raise UserError("--rounds must be at least 1.")
+        if self.local_epochs < 1:
+            raise UserError("--local-epochs must be at least 1.")
+        if self.min_clients < 1:
+            raise UserError("--min-clients must be at least 1.")
+        if self.round_timeout_s is not None and not (
+                math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
+            raise UserError("--round-timeout must be a positive number of seconds.")
+        if not 0 <= self.seed < 2**63:
+            raise UserError("--seed must be a non-negative integer.")
+        batch = preset.batch_size if self.batch_size is None else self.batch_size
+        if batch < 1:
+            raise UserError("--batch-size must be at least 1.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError("--lr must be a positive number.")
+        if self.loss not in LOSSES:
+            raise UserError(f"Unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
+        return FederationSettings(**{**asdict(self), "batch_size": batch})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_seed(hub_seed: int, round_index: int, client_id: str) -> int:
+    """The seed a client trains with in a round: fixed by the hub's seed, distinct per client."""
+    digest = hashlib.sha256(f"train:{hub_seed}:{round_index}:{client_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

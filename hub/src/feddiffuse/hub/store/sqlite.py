@@ -1,0 +1,386 @@
+"""The SQLite implementation of HubStore: one file, WAL journal, synchronous=FULL.
+
+WAL lets the admin CLI (token create, status) read and write while `serve` runs; FULL makes
+a committed transaction survive a power cut, not only a killed process. One connection is
+shared by the hub's threads behind a lock; every public method is one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..settings import FederationSettings
+from .base import (
+    CLOSED,
+    CLOSING,
+    OPEN,
+    EventRow,
+    FederationRow,
+    HubStore,
+    NewEvent,
+    ParticipantRow,
+    RoundRow,
+    SegmentFileRow,
+    TokenRow,
+    UploadRow,
+    VersionRow,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}');
+CREATE TABLE federation (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL, preset TEXT NOT NULL, method TEXT NOT NULL,
+    rounds INTEGER NOT NULL, local_epochs INTEGER NOT NULL, min_clients INTEGER NOT NULL,
+    round_timeout_s REAL, seed INTEGER NOT NULL, batch_size INTEGER NOT NULL,
+    lr REAL NOT NULL, loss TEXT NOT NULL,
+    created_at REAL NOT NULL, current_round INTEGER NOT NULL, current_version TEXT NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE tokens (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL CHECK (role IN ('admin', 'client')),
+    token_sha256 TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, revoked_at REAL
+);
+CREATE TABLE versions (
+    version TEXT PRIMARY KEY, round INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE segment_files (
+    version TEXT NOT NULL REFERENCES versions(version), segments TEXT NOT NULL,
+    sha256 TEXT NOT NULL, bytes INTEGER NOT NULL, PRIMARY KEY (version, segments)
+);
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('{OPEN}', '{CLOSING}', '{CLOSED}')),
+    base_version TEXT NOT NULL REFERENCES versions(version),
+    opened_at REAL NOT NULL, deadline REAL, closing_at REAL, close_reason TEXT,
+    closed_at REAL, result_version TEXT REFERENCES versions(version)
+);
+CREATE TABLE participants (
+    round INTEGER NOT NULL REFERENCES rounds(round), client TEXT NOT NULL,
+    download TEXT NOT NULL, upload TEXT NOT NULL, seed INTEGER NOT NULL,
+    PRIMARY KEY (round, client)
+);
+CREATE TABLE uploads (
+    round INTEGER NOT NULL, client TEXT NOT NULL, sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL, num_samples INTEGER NOT NULL, mean_loss REAL,
+    segments TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round, client), FOREIGN KEY (round, client) REFERENCES participants
+);
+CREATE TABLE downloads (
+    id INTEGER PRIMARY KEY, round INTEGER NOT NULL, client TEXT NOT NULL,
+    version TEXT NOT NULL, segments TEXT NOT NULL, bytes INTEGER NOT NULL, at REAL NOT NULL
+);
+CREATE INDEX downloads_round ON downloads(round);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+"""
+
+
+def _segs(value: str) -> tuple[str, ...]:
+    return tuple(s for s in value.split(",") if s)
+
+
+class SqliteStore(HubStore):
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        self._lock = threading.RLock()
+
+    @classmethod
+    def connect(cls, path: str | Path, *, create: bool = False) -> SqliteStore:
+        path = Path(path)
+        if create:
+            if path.exists():
+                raise FileExistsError(path)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                 timeout=30.0)
+        else:
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            db = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True,
+                                 isolation_level=None, check_same_thread=False, timeout=30.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        store = cls(db)
+        if create:
+            with store._tx() as tx:
+                tx.executescript_parts(_SCHEMA)
+        else:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None or int(row[0]) != SCHEMA_VERSION:
+                db.close()
+                raise ValueError(f"{path} has hub schema {row and row[0]}, this hub reads "
+                                 f"{SCHEMA_VERSION}")
+        return store
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _all(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _one(self, sql: str, args: Sequence = ()) -> tuple | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    # -- the federation ---------------------------------------------------------------------
+
+    def create(self, settings: FederationSettings, initial: VersionRow, admin_token_hash: str,
+               now: float) -> None:
+        s = settings
+        with self._tx() as tx:
+            tx.run("INSERT INTO versions VALUES (?, ?, ?, ?)",
+                   (initial.version, initial.round, initial.bytes, initial.created_at))
+            tx.run("INSERT INTO federation VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, "
+                   "NULL)", (s.name, s.preset, s.method, s.rounds, s.local_epochs,
+                             s.min_clients, s.round_timeout_s, s.seed, s.batch_size, s.lr,
+                             s.loss, now, initial.version))
+            tx.run("INSERT INTO tokens VALUES ('admin', 'admin', ?, ?, NULL)",
+                   (admin_token_hash, now))
+            _insert_event(tx, NewEvent(now, None, "created",
+                                       f"federation {s.name!r} created"))
+
+    def federation(self) -> FederationRow:
+        row = self._one("SELECT name, preset, method, rounds, local_epochs, min_clients, "
+                        "round_timeout_s, seed, batch_size, lr, loss, created_at, "
+                        "current_round, current_version, finished_at FROM federation")
+        if row is None:
+            raise LookupError("the hub database holds no federation")
+        settings = FederationSettings(*row[:11])
+        return FederationRow(settings, row[11], row[12], row[13], row[14])
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def add_token(self, name: str, role: str, token_hash: str, now: float) -> None:
+        try:
+            with self._tx() as tx:
+                tx.run("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
+                       (name, role, token_hash, now))
+                _insert_event(tx, NewEvent(now, None, "token", f"token {name!r} created"))
+        except sqlite3.IntegrityError as exc:
+            raise KeyError(name) from exc
+
+    def token_by_hash(self, token_hash: str) -> TokenRow | None:
+        row = self._one("SELECT name, role, created_at, revoked_at FROM tokens "
+                        "WHERE token_sha256 = ?", (token_hash,))
+        return TokenRow(*row) if row else None
+
+    def tokens(self) -> list[TokenRow]:
+        return [TokenRow(*r) for r in self._all(
+            "SELECT name, role, created_at, revoked_at FROM tokens ORDER BY role, name")]
+
+    def revoke_token(self, name: str, now: float) -> bool:
+        with self._tx() as tx:
+            n = tx.run("UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                       (now, name)).rowcount
+            if n:
+                _insert_event(tx, NewEvent(now, None, "token", f"token {name!r} revoked"))
+        return bool(n)
+
+    def enrolled_clients(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT name FROM tokens WHERE role = 'client' AND "
+                                        "revoked_at IS NULL ORDER BY name")]
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def version(self, version: str) -> VersionRow | None:
+        row = self._one("SELECT version, round, bytes, created_at FROM versions "
+                        "WHERE version = ?", (version,))
+        return VersionRow(*row) if row else None
+
+    def segment_file(self, version: str, segments: str) -> SegmentFileRow | None:
+        row = self._one("SELECT version, segments, sha256, bytes FROM segment_files "
+                        "WHERE version = ? AND segments = ?", (version, segments))
+        return SegmentFileRow(*row) if row else None
+
+    def add_segment_file(self, row: SegmentFileRow) -> None:
+        with self._tx() as tx:
+            tx.run("INSERT OR IGNORE INTO segment_files VALUES (?, ?, ?, ?)",
+                   (row.version, row.segments, row.sha256, row.bytes))
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    _ROUND_COLS = ("round, status, base_version, opened_at, deadline, closing_at, close_reason, "
+                   "closed_at, result_version")
+
+    def round(self, round_index: int) -> RoundRow | None:
+        row = self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round = ?",
+                        (round_index,))
+        return RoundRow(*row) if row else None
+
+    def rounds(self) -> list[RoundRow]:
+        return [RoundRow(*r) for r in self._all(
+            f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round")]
+
+    def open_round(self, row: RoundRow, participants: Sequence[ParticipantRow],
+                   event: NewEvent) -> None:
+        with self._tx() as tx:
+            _insert_round(tx, row, participants)
+            _insert_event(tx, event)
+
+    def participants(self, round_index: int) -> list[ParticipantRow]:
+        return [_participant(r) for r in self._all(
+            "SELECT round, client, download, upload, seed FROM participants WHERE round = ? "
+            "ORDER BY client", (round_index,))]
+
+    def participant(self, round_index: int, client: str) -> ParticipantRow | None:
+        row = self._one("SELECT round, client, download, upload, seed FROM participants "
+                        "WHERE round = ? AND client = ?", (round_index, client))
+        return _participant(row) if row else None
+
+    def participated_before(self, client: str, round_index: int) -> bool:
+        return self._one("SELECT 1 FROM participants WHERE client = ? AND round < ? LIMIT 1",
+                         (client, round_index)) is not None
+
+    def mark_closing(self, round_index: int, reason: str, now: float, event: NewEvent) -> bool:
+        with self._tx() as tx:
+            n = tx.run(f"UPDATE rounds SET status = '{CLOSING}', closing_at = ?, "
+                       f"close_reason = ? WHERE round = ? AND status = '{OPEN}'",
+                       (now, reason, round_index)).rowcount
+            if n:
+                _insert_event(tx, event)
+        return bool(n)
+
+    def set_deadline(self, round_index: int, deadline: float, event: NewEvent) -> None:
+        with self._tx() as tx:
+            tx.run("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, round_index))
+            _insert_event(tx, event)
+
+    def publish(self, round_index: int, new_version: VersionRow, now: float, finished: bool,
+                next_round: tuple[RoundRow, Sequence[ParticipantRow]] | None,
+                events: Sequence[NewEvent]) -> None:
+        v = new_version
+        with self._tx() as tx:
+            status = tx.run("SELECT status FROM rounds WHERE round = ?",
+                            (round_index,)).fetchone()
+            if status is None or status[0] != CLOSING:
+                raise RuntimeError(f"round {round_index} is not closing")
+            tx.run("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)",
+                   (v.version, v.round, v.bytes, v.created_at))
+            tx.run(f"UPDATE rounds SET status = '{CLOSED}', closed_at = ?, result_version = ? "
+                   "WHERE round = ?", (now, v.version, round_index))
+            if finished:
+                tx.run("UPDATE federation SET current_version = ?, finished_at = ?",
+                       (v.version, now))
+            else:
+                tx.run("UPDATE federation SET current_version = ?, current_round = ?",
+                       (v.version, round_index + 1))
+            if next_round is not None:
+                _insert_round(tx, *next_round)
+            for e in events:
+                _insert_event(tx, e)
+
+    # -- uploads and downloads --------------------------------------------------------------
+
+    _UPLOAD_COLS = "round, client, sha256, bytes, num_samples, mean_loss, segments, received_at"
+
+    def upload(self, round_index: int, client: str) -> UploadRow | None:
+        row = self._one(f"SELECT {self._UPLOAD_COLS} FROM uploads WHERE round = ? AND "
+                        "client = ?", (round_index, client))
+        return _upload(row) if row else None
+
+    def uploads(self, round_index: int) -> list[UploadRow]:
+        return [_upload(r) for r in self._all(
+            f"SELECT {self._UPLOAD_COLS} FROM uploads WHERE round = ? ORDER BY client",
+            (round_index,))]
+
+    def add_upload(self, row: UploadRow, event: NewEvent) -> bool:
+        try:
+            with self._tx() as tx:
+                tx.run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (row.round, row.client, row.sha256, row.bytes, row.num_samples,
+                        row.mean_loss, ",".join(row.segments), row.received_at))
+                _insert_event(tx, event)
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def add_download(self, round_index: int, client: str, version: str, segments: str,
+                     nbytes: int, now: float) -> None:
+        with self._tx() as tx:
+            tx.run("INSERT INTO downloads (round, client, version, segments, bytes, at) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (round_index, client, version, segments, nbytes, now))
+
+    def bytes_out(self) -> dict[int, int]:
+        return dict(self._all("SELECT round, SUM(bytes) FROM downloads GROUP BY round"))
+
+    # -- events and housekeeping ------------------------------------------------------------
+
+    def add_event(self, event: NewEvent) -> None:
+        with self._tx() as tx:
+            _insert_event(tx, event)
+
+    def events(self, limit: int = 100) -> list[EventRow]:
+        rows = self._all("SELECT id, at, round, kind, message FROM events ORDER BY id DESC "
+                         "LIMIT ?", (limit,))
+        return [EventRow(*r) for r in reversed(rows)]
+
+    def referenced_blobs(self) -> set[str]:
+        out: set[str] = set()
+        for sql in ("SELECT version FROM versions", "SELECT sha256 FROM segment_files",
+                    "SELECT sha256 FROM uploads"):
+            out.update(r[0] for r in self._all(sql))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _Tx:
+    """The open transaction a `with store._tx()` block writes through."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def run(self, sql: str, args: Sequence = ()) -> sqlite3.Cursor:
+        return self._db.execute(sql, args)
+
+    def executescript_parts(self, script: str) -> None:
+        # executescript() would COMMIT the open transaction; run the statements one by one.
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+
+def _insert_round(tx: _Tx, row: RoundRow, participants: Sequence[ParticipantRow]) -> None:
+    tx.run("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+           (row.round, row.status, row.base_version, row.opened_at, row.deadline,
+            row.closing_at, row.close_reason, row.closed_at, row.result_version))
+    for p in participants:
+        tx.run("INSERT INTO participants VALUES (?, ?, ?, ?, ?)",
+               (p.round, p.client, ",".join(p.download), ",".join(p.upload), p.seed))
+
+
+def _insert_event(tx: _Tx, e: NewEvent) -> None:
+    tx.run("INSERT INTO events (at, round, kind, message) VALUES (?, ?, ?, ?)",
+           (e.at, e.round, e.kind, e.message))
+
+
+def _participant(row: tuple) -> ParticipantRow:
+    return ParticipantRow(row[0], row[1], _segs(row[2]), _segs(row[3]), row[4])
+
+
+def _upload(row: tuple) -> UploadRow:
+    return UploadRow(row[0], row[1], row[2], row[3], row[4], row[5], _segs(row[6]), row[7])

@@ -1,0 +1,132 @@
+"""The `feddiffuse-hub` admin commands: init, token, status, export, serve's checks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from feddiffuse.hub import Hub
+from feddiffuse.hub.cli import app
+from feddiffuse.shared.protocol import HubStatus
+from feddiffuse.shared.wire import load_model, sha256_hex
+
+INIT = ["--preset", "tiny", "--method", "usplit", "--rounds", "2", "--local-epochs", "1"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_init_creates_a_hub_and_shows_the_admin_token_once(tmp_path):
+    root = tmp_path / "hub"
+    res = run("init", root, *INIT, "--min-clients", "2", "--round-timeout", "600",
+              "--seed", "7", "--name", "demo")
+    assert res.exit_code == 0, res.output
+    token = res.stdout.strip()
+    assert token.startswith("fdh_") and "\n" not in token
+    assert "Admin token" in res.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["blobs", "hub.sqlite3"]
+    (blob,) = (root / "blobs").iterdir()
+    assert blob.name == f"{sha256_hex(blob.read_bytes())}.safetensors"
+    db = sqlite3.connect(root / "hub.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    row = db.execute("SELECT name, min_clients, round_timeout_s, seed FROM federation").fetchone()
+    assert row == ("demo", 2, 600.0, 7)
+    db.close()
+    stored = b"".join(p.read_bytes() for p in root.glob("hub.sqlite3*"))
+    assert token.encode() not in stored  # only its sha256 is kept
+    assert sha256_hex(token.encode()).encode() in stored
+
+
+def test_token_create_list_revoke(tmp_path):
+    root = tmp_path / "hub"
+    assert run("init", root, *INIT).exit_code == 0
+    res = run("token", "create", root, "alice")
+    assert res.exit_code == 0 and res.stdout.strip().startswith("fdh_")
+    assert run("token", "create", root, "bob").exit_code == 0
+    listing = run("token", "list", root)
+    assert listing.exit_code == 0
+    assert [line.split()[0] for line in listing.stdout.splitlines()[1:]] == [
+        "admin", "alice", "bob"]
+    assert run("token", "revoke", root, "bob").exit_code == 0
+    rows = {r["name"]: r for r in json.loads(run("token", "list", root, "--json").stdout)}
+    assert rows["bob"]["revoked_at"] is not None and rows["alice"]["revoked_at"] is None
+    with Hub.open(root) as hub:
+        assert hub.store.enrolled_clients() == ["alice"]
+
+
+def test_status_and_export_after_a_round(tmp_path, kit):
+    setup = kit.make_hub(tmp_path / "hub", method="usplit", rounds=2, min_clients=2,
+                         timeout=600)
+    with Hub.open(setup.root, serve=True) as hub:
+        http = kit.test_client(hub)
+        for c, t in setup.tokens.items():
+            kit.participate(http, c, t)
+        kit.participate(http, "alice", setup.tokens["alice"])
+    res = run("status", setup.root)
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert "Federation 'test'" in text and "round 2 of 2" in text
+    assert "reported:  1/3: alice" in text and "missing:   bob, carol" in text
+    assert "deadline:" in text and "History:" in text
+    history_row = text.splitlines()[-1].split()
+    assert history_row[:3] == ["1", "3", "3"]  # round, participants, reported
+    report = HubStatus.model_validate_json(run("status", setup.root, "--json").stdout)
+    assert report.current.round == 2 and report.history[0].bytes_in > 0
+    assert report.history[0].bytes_out > 0 and report.history[0].mean_loss == 0.25
+    out = tmp_path / "global.safetensors"
+    res = run("export", setup.root, out)
+    assert res.exit_code == 0, res.output
+    assert sha256_hex(out.read_bytes()) == report.current.global_version
+    model, meta = load_model(out)
+    assert meta["feddiffuse.preset"] == "tiny" and meta["feddiffuse.round"] == "2"
+
+
+@pytest.mark.parametrize("args", [
+    ["init", "{hub}", *INIT[:1], "nope", *INIT[2:]],
+    ["init", "{hub}", "--preset", "tiny", "--method", "fedprox", *INIT[4:]],
+    ["init", "{hub}", *INIT[:5], "0", *INIT[6:]],
+    ["init", "{hub}", *INIT, "--min-clients", "0"],
+    ["init", "{hub}", *INIT, "--round-timeout", "-5"],
+    ["init", "{hub}", *INIT, "--name", "!!"],
+    ["init", "{tmp}/missing/hub", *INIT],
+    ["status", "{hub}"],
+    ["token", "create", "{hub}", "alice"],
+    ["token", "list", "{hub}"],
+    ["export", "{hub}", "{tmp}/out.safetensors"],
+    ["serve", "{hub}"],
+])
+def test_user_mistakes_exit_2_with_one_sentence_and_write_nothing(tmp_path, args):
+    hub = tmp_path / "hub"
+    res = run(*[a.format(hub=hub, tmp=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_mistakes_on_an_existing_hub(tmp_path):
+    root = tmp_path / "hub"
+    assert run("init", root, *INIT).exit_code == 0
+    before = sorted(p.name for p in (root / "blobs").iterdir())
+    for args in (["init", root, *INIT],
+                 ["token", "create", root, "admin"],
+                 ["token", "create", root, "bad name"],
+                 ["token", "revoke", root, "ghost"],
+                 ["token", "revoke", root, "admin"],
+                 ["export", root, tmp_path / "nowhere" / "x.safetensors"],
+                 ["export", root, tmp_path],
+                 ["serve", root, "--tls-cert", tmp_path / "cert.pem"],
+                 ["serve", root, "--port", "0"]):
+        res = run(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.stderr.startswith("error: "), args
+    assert run("token", "create", root, "alice").exit_code == 0
+    res = run("token", "create", root, "alice")
+    assert res.exit_code == 2 and "exists already" in res.stderr
+    assert sorted(p.name for p in (root / "blobs").iterdir()) == before
+    with Hub.open(root, serve=True):  # a second server on the same directory is refused
+        res = run("serve", root)
+        assert res.exit_code == 2 and "Another hub process" in res.stderr
