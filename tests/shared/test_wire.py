@@ -89,3 +89,25 @@ def test_loading_a_missing_or_foreign_file_is_a_user_error(tmp_path):
 def test_save_requires_a_preset(tmp_path):
     with pytest.raises(ValueError):
         save_weights(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {})
+
+
+def test_encoding_is_identical_across_processes():
+    # A global version is the sha256 of its file: the bytes must not depend on the process.
+    import subprocess
+    import sys
+
+    code = ("import torch;from feddiffuse.shared.wire import encode_tensors, sha256_hex;"
+            "print(sha256_hex(encode_tensors({'b': torch.arange(6.).reshape(2, 3), "
+            "'a': torch.ones(4)}, {'round': 3, 'kind': 'delta', 'preset': 'tiny', "
+            "'z': 1, 'y': 2, 'x': 3})))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(3)}
+    assert len(digests) == 1 and len(digests.pop()) == 64
+
+
+def test_encoding_is_readable_by_safetensors_itself():
+    from safetensors.torch import load
+
+    t = {"w": torch.randn(3, 5), "a": torch.zeros(0), "z": torch.ones(1)}
+    out = load(encode_tensors(t, {"kind": "global"}))
+    assert set(out) == set(t) and all(torch.equal(out[k], t[k]) for k in t)

@@ -1,79 +1,36 @@
-"""Writing the hub's own weights files (global models, segment files): deterministic, streamed.
+"""The hub's own weights files (global models, segment files): deterministic, streamed.
 
 A global version is named by the sha256 of its file, so the same tensors and metadata must
 give the same bytes in every process (redoing an aggregation after a crash must reproduce
-the version). safetensors' own writer stores the metadata in hash-map order, which changes
-between processes; and it builds the whole file in memory. This writer sorts tensors and
-keys, and streams tensor by tensor (no copy of the model in memory). The result is a plain
-safetensors file with FedDiffuse metadata, read by `wire.decode_tensors` like any other.
+the version). The core's `wire.write_tensors` guarantees that and streams tensor by tensor;
+this module adds the hub's metadata conventions and blob handling around it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import struct
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
 
 from feddiffuse.shared.model import SEGMENTS
-from feddiffuse.shared.wire import FORMAT_VERSION, PREFIX
+from feddiffuse.shared.wire import ByteSink, encode_tensors, write_tensors
 
 from .blobs import BlobStore
 
 ALL_KEY = ",".join(SEGMENTS)  # the segments key of a whole model
 
 
-class _Sink(Protocol):
-    def write(self, data: bytes | memoryview, /) -> object: ...
-
-
-def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> bytes:
-    meta = {f"{PREFIX}format_version": FORMAT_VERSION, f"{PREFIX}codec": "fp32"}
-    meta.update({(k if k.startswith(PREFIX) else PREFIX + k): str(v)
-                 for k, v in metadata.items()})
-    header: dict[str, object] = {"__metadata__": meta}
-    offset = 0
-    for name in sorted(tensors):
-        size = 4 * tensors[name].numel()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return text + b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
-
-
-def write_weights(sink: _Sink, tensors: Mapping[str, torch.Tensor],
+def write_weights(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, object]) -> tuple[str, int]:
     """Write fp32 `tensors` as safetensors to `sink`; returns (sha256, bytes written)."""
-    digest = hashlib.sha256()
-    total = 0
-
-    def put(data: bytes | memoryview) -> None:
-        nonlocal total
-        digest.update(data)
-        sink.write(data)
-        total += len(data)
-
-    header = _header(tensors, metadata)
-    put(struct.pack("<Q", len(header)))
-    put(header)
-    for name in sorted(tensors):
-        array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
-        put(memoryview(array.astype("<f4", copy=False)).cast("B"))
-    return digest.hexdigest(), total
+    return write_tensors(sink, tensors, metadata)
 
 
 def encode_weights(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> bytes:
-    buffer = io.BytesIO()
-    write_weights(buffer, tensors, metadata)
-    return buffer.getvalue()
+    return encode_tensors(tensors, metadata)
 
 
 def global_metadata(preset: str, round_index: int) -> dict[str, object]:

@@ -13,6 +13,7 @@ is. Keys (all prefixed ``feddiffuse.``):
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -20,11 +21,11 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .errors import UserError, WireFormatError
 
@@ -45,13 +46,57 @@ def read_metadata_value(metadata: Mapping[str, str], key: str) -> str | None:
     return metadata.get(PREFIX + key)
 
 
-def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
-                   codec: str = "fp32") -> bytes:
-    """Encode named tensors as safetensors bytes with FedDiffuse metadata."""
+class ByteSink(Protocol):
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
+def _header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
+                  codec: str) -> bytes:
+    header: dict[str, object] = {"__metadata__": _meta({**metadata, "codec": codec})}
+    offset = 0
+    for name in sorted(tensors):
+        size = 4 * tensors[name].numel()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+
+
+def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, object], codec: str = "fp32") -> tuple[str, int]:
+    """Stream fp32 `tensors` as a safetensors file into `sink`; returns (sha256, size).
+
+    Written by hand rather than with safetensors' writer (whose metadata order follows a hash
+    map and changes between processes) so that the same tensors and metadata give the same
+    bytes, and hence the same sha256 version, everywhere. Streams tensor by tensor.
+    """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}")
-    prepared = {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in tensors.items()}
-    return st_save(prepared, metadata=_meta({**metadata, "codec": codec}))
+    digest = hashlib.sha256()
+    total = 0
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal total
+        digest.update(data)
+        sink.write(data)
+        total += len(data)
+
+    header = _header_bytes(tensors, metadata, codec)
+    put(struct.pack("<Q", len(header)))
+    put(header)
+    for name in sorted(tensors):
+        array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
+        put(memoryview(array.astype("<f4", copy=False)).cast("B"))
+    return digest.hexdigest(), total
+
+
+def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],
+                   codec: str = "fp32") -> bytes:
+    """Encode named tensors as deterministic safetensors bytes with FedDiffuse metadata."""
+    buffer = io.BytesIO()
+    write_tensors(buffer, tensors, metadata, codec)
+    return buffer.getvalue()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -228,7 +273,3 @@ def load_model(path: str | Path):
 def payload_bytes(num_params: int, header_bytes: int) -> int:
     """Size of an fp32 safetensors payload: 8-byte length, header, 4 bytes per parameter."""
     return 8 + header_bytes + 4 * num_params
-
-
-def is_finite_number(x: float) -> bool:
-    return math.isfinite(x)

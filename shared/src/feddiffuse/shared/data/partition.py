@@ -154,9 +154,9 @@ def partition_indices(
 
     Every sample is assigned to exactly one client. The skewed splits give every client at
     least ``min_size`` samples (redrawing as the paper does); ``iid`` splits as equally as
-    possible and only needs one sample per client. ``label-skew`` needs ``labels`` (``num_samples`` non-negative
-    integers); ``beta`` is the Dirichlet concentration of the two skewed splits (smaller is
-    more skewed). See the module docstring for the exact recipes.
+    possible and only needs one sample per client. ``label-skew`` needs ``labels``
+    (``num_samples`` non-negative integers); ``beta`` is the Dirichlet concentration of the
+    two skewed splits (smaller is more skewed). See the module docstring for the recipes.
     """
     _validate(num_samples, num_clients, split, beta, min_size)
     rng = np.random.RandomState(seed)
