@@ -1,19 +1,184 @@
-"""The `feddiffuse-client` command line."""
+"""The `feddiffuse-client` command line.
+
+With no arguments it opens the terminal app; `join`, `sample`, `status` and `version` are the
+headless commands. Mistakes the user can fix end with one sentence and exit code 2.
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from feddiffuse.shared.errors import UserError
+
+from .errors import Cancelled, HubError
+
+EXIT_USER_ERROR = 2
+EXIT_HUB_ERROR = 1
+EXIT_INTERRUPTED = 130
+
 app = typer.Typer(
-    help="FedDiffuse edge client: train the shared diffusion model on your own images.",
-    no_args_is_help=True,
+    help="FedDiffuse edge client: train the shared diffusion model on your own images. "
+         "Run it without a command to open the terminal app.",
+    invoke_without_command=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 
 
+@contextmanager
+def _friendly_errors() -> Iterator[None]:
+    try:
+        yield
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except HubError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_HUB_ERROR) from None
+    except Cancelled as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the next `feddiffuse-client join` resumes from the last "
+                   "finished epoch", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
 @app.callback()
-def _root() -> None:
-    """Commands of this tool (more arrive with the hub and client issues)."""
+def _root(ctx: typer.Context) -> None:
+    """Without a command: open the terminal app."""
+    if ctx.invoked_subcommand is None:
+        from .tui.app import ClientApp
+
+        ClientApp().run()
+
+
+@app.command()
+def join(
+    hub: Annotated[str | None, typer.Option(help="The hub's URL, e.g. http://hub:8000 "
+                                                 "(default: the last one used).")] = None,
+    token: Annotated[str | None, typer.Option(help="Your token from the hub operator "
+                                                   "(default: the one saved for this hub).",
+                                              envvar="FEDDIFFUSE_TOKEN")] = None,
+    data: Annotated[Path | None, typer.Option(help="The folder of your PNG/JPEG images "
+                                                   "(default: the last one used).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu "
+                                                    "(default: the last one used, else auto).")
+                      ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Do a single round, then exit.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Keep trying when a hub never reached "
+                                                      "before is down (a known hub is "
+                                                      "always retried).")] = False,
+    max_retries: Annotated[int | None, typer.Option(help="Give up after this many failed "
+                                                         "tries of one network call (default: "
+                                                         "never).", min=1)] = None,
+    backoff_initial: Annotated[float, typer.Option(hidden=True, min=0.0)] = 1.0,
+    backoff_max: Annotated[float, typer.Option(hidden=True, min=0.0)] = 60.0,
+    poll: Annotated[float, typer.Option(hidden=True, min=0.01)] = 5.0,
+) -> None:
+    """Join a federation and take part in its rounds: download, train, upload, repeat."""
+    with _friendly_errors():
+        from .backoff import Backoff
+        from .console import ConsoleReporter
+        from .participant import Participant, ParticipantOptions
+        from .session import JoinRequest, make_hub_client, resolve
+        from .session import join as join_hub
+        from .settings import Settings
+
+        settings = Settings.load()
+        request = resolve(JoinRequest(hub, token, str(data) if data else None, device or ""),
+                          settings)
+        backoff = Backoff(initial=backoff_initial, maximum=max(backoff_max, backoff_initial),
+                          max_attempts=max_retries)
+        reporter = ConsoleReporter()
+
+        def on_retry(what: str, attempt: int, delay: float, exc: Exception) -> None:
+            reporter.line(f"retry: {what} failed ({exc}); attempt {attempt + 1} in "
+                          f"{delay:.1f} s")
+
+        joined = join_hub(request, wait=wait, backoff=backoff, on_retry=on_retry,
+                          settings=settings)
+        reporter.line(f"Hub {joined.url}; images: {joined.scan.path} ({joined.scan.summary()}).")
+        stop = threading.Event()
+        _stop_on_sigterm(stop)
+        options = ParticipantOptions(data_dir=joined.data_dir, device=joined.device, once=once,
+                                     backoff=backoff, poll_s=poll,
+                                     poll_max_s=max(poll, backoff.maximum))
+        with joined.store.lock(), make_hub_client(joined.url, joined.token) as client:
+            outcome = Participant(client, joined.store, options, reporter, stop).run()
+        if outcome.finished:
+            reporter.line("The federation is finished; `feddiffuse-client sample` draws "
+                          "images from your final model.")
+        else:
+            reporter.line(f"Done: round(s) {', '.join(map(str, outcome.rounds_done))}.")
+
+
+def _stop_on_sigterm(stop: threading.Event) -> None:
+    """SIGTERM (systemd, docker stop) stops like Ctrl-C: at the next step, state kept."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(_signum, _frame) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+@app.command()
+def sample(
+    n: Annotated[int, typer.Option("--n", help="How many images.", min=1, max=1024)] = 64,
+    steps: Annotated[int, typer.Option(help="DDIM sampling steps.", min=1, max=1000)] = 50,
+    out: Annotated[Path, typer.Option(help="Where to write the PNG grid.")] = Path("grid.png"),
+    hub: Annotated[str | None, typer.Option(help="Which hub's model (default: the last "
+                                                 "one used).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed of the samples.")] = 0,
+) -> None:
+    """Sample images from your current model (the global model plus your personal segments)."""
+    with _friendly_errors():
+        from .sampling import sample_grid
+
+        store = _store_for(hub)
+        result = sample_grid(store, n, steps, out, device=device, seed=seed)
+        typer.echo(f"{result.description}: wrote {result.path}")
+
+
+@app.command()
+def status(
+    hub: Annotated[str | None, typer.Option(help="Which hub (default: the last one used).")
+                   ] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Do not ask the hub, show only "
+                                                            "the local state.")] = False,
+) -> None:
+    """Print the hub, its current round, and what this client holds locally."""
+    with _friendly_errors():
+        from .status import status_lines
+
+        store = _store_for(hub)
+        for label, value in status_lines(store, ask_hub=not offline):
+            typer.echo(f"{label:<13}{value}")
+
+
+def _store_for(hub: str | None):
+    from .inputs import normalize_hub_url
+    from .settings import Settings
+    from .state import HubStore
+
+    url_text = hub or Settings.load().hub_url
+    if not url_text:
+        raise UserError("No hub yet; join one first with feddiffuse-client join --hub URL "
+                        "--token T --data DIR.")
+    store = HubStore(normalize_hub_url(url_text))
+    if not store.exists():
+        raise UserError(f"This client has not joined {store.url}; run feddiffuse-client join "
+                        "first.")
+    return store
 
 
 @app.command()
@@ -26,4 +191,8 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    app(prog_name="feddiffuse-client")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

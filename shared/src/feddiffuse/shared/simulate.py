@@ -20,6 +20,7 @@ from .data import load_dataset, partition_indices
 from .data.partition import SPLITS
 from .diffusion import DiffusionSchedule, make_generator, sample
 from .errors import UserError
+from .evaluation import DEFAULT_METRICS, PERSONAL_MODES, Evaluator, evaluate_models, parse_metrics
 from .images import save_grid
 from .ledger import CommLedger
 from .methods import check_method, has_personal_models, personal_segments
@@ -55,6 +56,12 @@ class SimulationConfig:
     sample_count: int = 64  # images in samples.png (per personal model: one row)
     sample_steps: int = 50
     max_steps_per_epoch: int | None = None
+    # Evaluation of the final model(s); 0 samples: none. See feddiffuse.shared.evaluation.
+    eval_samples: int = 0  # per model ("each") or in total over personal models ("split")
+    eval_steps: int = 50  # DDIM steps of the evaluation samples
+    eval_metrics: str = DEFAULT_METRICS
+    eval_personal: str = "each"
+    inception_weights: str | None = None
 
     def validate(self) -> None:
         get_preset(self.preset)
@@ -73,6 +80,13 @@ class SimulationConfig:
             raise UserError("--limit must be at least 1.")
         if self.sample_count < 0:
             raise UserError("The number of sample images cannot be negative.")
+        if self.eval_samples < 0 or self.eval_samples == 1:
+            raise UserError("--eval-samples must be 0 (no evaluation) or at least 2.")
+        if self.eval_samples:
+            parse_metrics(self.eval_metrics)
+            if self.eval_personal not in PERSONAL_MODES:
+                raise UserError(f"Unknown --eval-personal {self.eval_personal!r}; choose one "
+                                f"of: {', '.join(PERSONAL_MODES)}.")
 
 
 def client_ids(k: int) -> list[str]:
@@ -92,6 +106,16 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
     cfg = preset.config
     device, device_reason = select_device(config.device)
     out = Path(config.out)
+    evaluator = None
+    if config.eval_samples:
+        # Resolved before training, so that missing feature weights show up at once.
+        evaluator = Evaluator(config.eval_metrics, config.dataset, image_size=cfg.image_size,
+                              channels=cfg.channels, data_dir=config.data_dir,
+                              inception_weights=config.inception_weights, device=device,
+                              log=log)
+        evaluator.require_some()
+        for metric, reason in evaluator.unavailable.items():
+            log(f"  note: {metric} is unavailable: {reason}")
 
     data = load_dataset(config.dataset, image_size=cfg.image_size, channels=cfg.channels,
                         split="train", data_dir=config.data_dir, limit=config.limit,
@@ -215,6 +239,12 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
         samples_path = save_grid(torch.cat(grids), out / "samples.png", nrow=nrow)
         log(f"samples: {samples_path} ({len(grids)} model(s), DDIM {config.sample_steps} steps)")
 
+    evaluation = None
+    if evaluator is not None:
+        evaluation = evaluate_models(evaluator, model, models_to_sample, config.eval_samples,
+                                     personal=config.eval_personal, steps=config.eval_steps,
+                                     seed=config.seed * 7 + 5000, device=device, log=log)
+
     report = {
         "config": asdict(config),
         "preset": {"name": preset.name, **counts},
@@ -225,6 +255,7 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
         "ledger": {"totals": ledger.totals(), "per_client": ledger.per_client()},
         "files": {"weights": weight_files,
                   "samples": str(samples_path) if samples_path else None},
+        "evaluation": evaluation,
         "seconds": time.perf_counter() - started,
     }
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())

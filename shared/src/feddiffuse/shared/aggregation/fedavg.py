@@ -62,8 +62,8 @@ class FedAvg(AggregationStrategy):
             if total == 0:
                 out[name] = value
             else:
-                mean_delta = self._sums[name].div_(float(total))
-                out[name] = value.to(torch.float32) + mean_delta
+                # In place: the running sum becomes the new tensor (no extra model copy).
+                out[name] = self._sums[name].div_(float(total)).add_(value.to(torch.float32))
         self._sums = {}
         return out
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from .comm import comm
+from .evaluate import evaluate
+from .experiment import experiment
 from .info import info
 from .partition import partition
 from .simulate import simulate
@@ -20,6 +22,8 @@ app.command()(info)
 app.command()(comm)
 app.command()(partition)
 app.command()(simulate)
+app.command()(evaluate)
+app.command()(experiment)
 
 
 def main() -> None:

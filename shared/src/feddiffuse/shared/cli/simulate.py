@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from ..evaluation import DEFAULT_METRICS
 from ..methods import METHODS
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
 from ._errors import user_errors
+from .evaluate import INCEPTION_HELP, METRICS_HELP
 from .info import PRESET_HELP
 from .partition import DATASET_HELP
 
@@ -39,6 +41,15 @@ def simulate(
     bf16: Annotated[bool, typer.Option(help="bf16 autocast in training.")] = False,
     samples: Annotated[int, typer.Option(help="Images in samples.png (0: none).")] = 64,
     sample_steps: Annotated[int, typer.Option(help="DDIM steps for samples.png.")] = 50,
+    eval_samples: Annotated[int, typer.Option(
+        help="Evaluate the final model(s) on N DDIM samples and add the metrics to "
+             "report.json (0: no evaluation).")] = 0,
+    eval_steps: Annotated[int, typer.Option(help="DDIM steps of the evaluation samples.")] = 50,
+    eval_metrics: Annotated[str, typer.Option(help=METRICS_HELP)] = DEFAULT_METRICS,
+    eval_personal: Annotated[str, typer.Option(
+        help="Personal models (ulatdec, udec): 'each' samples N from every client's model, "
+             "'split' shares N among them.")] = "each",
+    inception_weights: Annotated[str | None, typer.Option(help=INCEPTION_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a federated simulation and write report.json, samples.png and the weights."""
@@ -49,7 +60,9 @@ def simulate(
             partition_seed=partition_seed, limit=limit, data_dir=data_dir, out=out,
             batch_size=batch_size, lr=lr, loss=loss, device=device,
             channels_last=channels_last, bf16=bf16, sample_count=samples,
-            sample_steps=sample_steps)
+            sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,
+            eval_metrics=eval_metrics, eval_personal=eval_personal,
+            inception_weights=inception_weights)
         log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         report = run_simulation(config, log=log)
         if as_json:
