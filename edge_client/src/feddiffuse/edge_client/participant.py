@@ -1,0 +1,471 @@
+"""The participant loop: fetch the manifest, download, train, upload, wait; again.
+
+One round, as the hub's manifest describes it:
+
+1. download the segments it names (and any the client lacks), verify and merge them into the
+   local copy of the global model, and lay the personal segments kept on disk over them;
+2. train the local epochs on the user's images with `feddiffuse.shared.training.train_local`,
+   writing a checkpoint after every epoch (a restart resumes from the newest one);
+3. compute `local - global` for the upload segments only, keep it on disk, upload it, and
+   keep the personal segments (ulatdec, udec) on disk, never on the network.
+
+Network faults are retried with backoff (see `backoff`); a 409 means the round moved on and
+the loop asks for the current manifest again. Everything is reported through `events`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from feddiffuse.shared.data import load_image_folder
+from feddiffuse.shared.diffusion import DiffusionSchedule
+from feddiffuse.shared.errors import DataNotFoundError, UserError, WireFormatError
+from feddiffuse.shared.methods import personal_segments
+from feddiffuse.shared.model import SEGMENTS, build_unet, get_preset, segment_map
+from feddiffuse.shared.protocol import Manifest, RoundPhase
+from feddiffuse.shared.training import EpochReport, TrainConfig, select_device, train_local
+from feddiffuse.shared.wire import (
+    atomic_write_bytes,
+    decode_tensors,
+    encode_tensors,
+    load_weights,
+    read_metadata_value,
+    save_weights,
+)
+
+from . import events as ev
+from .backoff import Backoff, call_with_retry
+from .errors import (
+    Cancelled,
+    DownloadCorrupt,
+    FederationFinished,
+    RoundMovedOn,
+    SetupError,
+)
+from .hub_client import HubClient
+from .state import HubStore
+
+# Test hook (documented in the README of the tests): exit the process at once, as a crash
+# would, right after the checkpoint of this epoch is written.
+CRASH_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_CRASH_AFTER_EPOCH"
+PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclass
+class ParticipantOptions:
+    data_dir: Path
+    device: str = "auto"
+    once: bool = False
+    backoff: Backoff = field(default_factory=Backoff)
+    poll_s: float = 5.0  # how often to ask for a new round when the hub gives no hint
+    poll_max_s: float = 60.0
+
+
+@dataclass
+class RunOutcome:
+    rounds_done: list[int] = field(default_factory=list)
+    finished: bool = False  # the federation is over
+
+
+def describe_device(choice: str) -> tuple[torch.device, str]:
+    """select_device, with a word on the CPU fallback that MPS gets."""
+    device, reason = select_device(choice)
+    if device.type == "mps":
+        reason += "; operators MPS lacks run on the CPU"
+    return device, reason
+
+
+def load_training_images(data_dir: Path, preset_name: str) -> torch.Tensor:
+    """The user's images at the preset's size, as one uint8 tensor (SetupError if none)."""
+    cfg = get_preset(preset_name).config
+    try:
+        return load_image_folder(data_dir, cfg.image_size, cfg.channels).images
+    except DataNotFoundError:
+        raise SetupError(f"No usable PNG or JPEG images found in {data_dir}; choose a folder "
+                         "that holds your images.") from None
+    except UserError as exc:
+        raise SetupError(str(exc).replace("--dataset", "--data")) from None
+
+
+class Participant:
+    """Takes part in a federation until it finishes (or for one round with `once`)."""
+
+    def __init__(self, hub: HubClient, store: HubStore, options: ParticipantOptions,
+                 emit: ev.Emit = ev.ignore, stop: threading.Event | None = None) -> None:
+        self.hub = hub
+        self.store = store
+        self.options = options
+        self.emit = emit
+        self.stop = stop or threading.Event()
+        self._images: dict[str, torch.Tensor] = {}
+        self._device: torch.device | None = None
+        self._last_manifest: Manifest | None = None
+        self._schedule = DiffusionSchedule.linear()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> RunOutcome:
+        outcome = RunOutcome()
+        device, reason = describe_device(self.options.device)
+        self._device = device
+        self.emit(ev.DeviceEvent(str(device), reason))
+        refused: set[tuple[int, str]] = set()
+        while True:
+            self._check_stop()
+            self.emit(ev.PhaseEvent("connecting", f"asking {self.hub.url} for the round"))
+            try:
+                manifest = self._retry("fetching the round manifest", self.hub.manifest)
+            except FederationFinished:
+                self.store.update_info(finished=True)
+                self.emit(ev.PhaseEvent("finished", "the federation is finished"))
+                outcome.finished = True
+                return outcome
+            self._remember(manifest)
+            key = (manifest.round, manifest.global_version)
+            if manifest.phase == RoundPhase.FINISHED:
+                self._fetch_final(manifest)
+                outcome.finished = True
+                return outcome
+            if manifest.phase == RoundPhase.OPEN and key not in refused:
+                try:
+                    self._play_round(manifest)
+                except (RoundMovedOn, FederationFinished) as exc:
+                    refused.add(key)
+                    self.emit(ev.LogEvent(f"Round {manifest.round}: {exc}; rejoining the "
+                                          "current round.", "warning"))
+                    continue
+                outcome.rounds_done.append(manifest.round)
+                if self.options.once:
+                    return outcome
+                continue
+            if manifest.phase == RoundPhase.REPORTED and self._adopt_report(manifest):
+                outcome.rounds_done.append(manifest.round)
+                if self.options.once:
+                    return outcome
+                continue
+            self._wait_for_next_round(manifest)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Cancelled("stopped")
+
+    def _retry(self, what: str, fn):
+        def on_retry(what: str, attempt: int, delay: float, exc: Exception) -> None:
+            self.emit(ev.RetryEvent(what, attempt, delay, str(exc)))
+            self.emit(ev.PhaseEvent("retrying", f"{what}: {exc}; retrying in {delay:.0f} s"))
+
+        return call_with_retry(fn, what=what, backoff=self.options.backoff, stop=self.stop,
+                               on_retry=on_retry)
+
+    def _remember(self, manifest: Manifest) -> None:
+        previous = self._last_manifest
+        self._last_manifest = manifest
+        info = self.store.load_info()
+        changes = {"federation": manifest.federation, "client_id": manifest.client_id,
+                   "preset": manifest.preset, "method": manifest.method,
+                   "rounds": manifest.rounds}
+        if info.global_version is not None and any(
+                getattr(info, k) not in (None, changes[k]) for k in ("federation", "preset",
+                                                                     "method", "client_id")):
+            # A new federation behind the same URL: what we hold belongs to the old one.
+            self.store.forget_weights()
+            self.emit(ev.LogEvent(f"The hub now runs federation {manifest.federation} "
+                                  f"({manifest.method}, {manifest.preset}); the weights kept "
+                                  "for the previous one were set aside.", "warning"))
+            info = self.store.load_info()
+        if any(getattr(info, k) != v for k, v in changes.items()):
+            self.store.update_info(**changes)
+        if previous is None or (previous.round, previous.phase, previous.global_version) != (
+                manifest.round, manifest.phase, manifest.global_version):
+            self.emit(ev.RoundEvent(manifest))
+
+    def _wait_for_next_round(self, manifest: Manifest) -> None:
+        hint = manifest.retry_after_s
+        delay = self.options.poll_s if hint is None else hint
+        delay = min(max(delay, 0.05), self.options.poll_max_s)
+        if manifest.phase == RoundPhase.REPORTED:
+            detail = f"round {manifest.round} reported; waiting for the other participants"
+        elif manifest.phase == RoundPhase.WAITING:
+            detail = f"not part of round {manifest.round}; waiting for the next round"
+        else:
+            detail = f"round {manifest.round} already tried; waiting for the next round"
+        self.emit(ev.PhaseEvent("waiting", detail))
+        if self.stop.wait(delay):
+            raise Cancelled("stopped while waiting")
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _play_round(self, manifest: Manifest) -> None:
+        r, version = manifest.round, manifest.global_version
+        round_dir = self.store.round_dir(r, version)
+        self.store.clear_rounds(keep=round_dir)
+        upload_path = round_dir / "upload.safetensors"
+        if not self._round_matches(round_dir, manifest):
+            self.store.clear_rounds()
+        if not upload_path.is_file():
+            self._train_round(manifest, round_dir, upload_path)
+        body = upload_path.read_bytes()
+        segments = tuple(manifest.upload_segments)
+        self.emit(ev.PhaseEvent("uploading", f"round {r}: uploading {', '.join(segments)} "
+                                f"({len(body) / 1e6:.2f} MB)"))
+        progress = self._progress("upload")
+        receipt = self._retry(
+            f"uploading the round {r} update",
+            lambda: self.hub.upload_update(r, body, on_progress=progress))
+        self.store.update_info(last_reported_round=r, last_receipt_sha256=receipt.sha256)
+        self.store.clear_rounds()
+        self.emit(ev.UploadedEvent(r, segments, receipt))
+        self.emit(ev.LogEvent(f"Round {r}: uploaded {', '.join(segments)} "
+                              f"({receipt.bytes / 1e6:.2f} MB, {receipt.num_samples} images)."))
+
+    def _adopt_report(self, manifest: Manifest) -> bool:
+        """The hub holds our upload although we saw no receipt (the answer was lost)."""
+        round_dir = self.store.round_dir(manifest.round, manifest.global_version)
+        if not (round_dir / "upload.safetensors").is_file():
+            return False
+        self.store.update_info(last_reported_round=manifest.round)
+        self.store.clear_rounds()
+        self.emit(ev.LogEvent(f"Round {manifest.round}: the hub already has this client's "
+                              "update (its receipt was lost on the way)."))
+        return True
+
+    def _round_matches(self, round_dir: Path, manifest: Manifest) -> bool:
+        """Whether the work in `round_dir` was done for this very assignment."""
+        path = round_dir / "round.json"
+        if not path.is_file():
+            return True
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return saved.get("assignment") == _assignment(manifest)
+
+    def _train_round(self, manifest: Manifest, round_dir: Path, upload_path: Path) -> None:
+        r, version = manifest.round, manifest.global_version
+        model = build_unet(manifest.preset)
+        seg_of = segment_map(model)
+        images = self._training_images(manifest.preset)
+        held = self._ensure_global(manifest, seg_of)
+        personal_segs = personal_segments(manifest.method)
+        settings = manifest.training
+        config = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size,
+                             lr=settings.lr, loss=settings.loss)
+        record_path = round_dir / "round.json"
+        record = _read_record(record_path) or {"assignment": _assignment(manifest),
+                                               "epochs": []}
+        checkpoint = self.store.latest_checkpoint(round_dir)
+        start_epoch = 0
+        if checkpoint is not None:
+            tensors, _ = load_weights(checkpoint[1])
+            model.load_state_dict(tensors, strict=True)
+            start_epoch = min(checkpoint[0], config.epochs)
+            record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= start_epoch]
+            self.emit(ev.LogEvent(f"Round {r}: resuming from the checkpoint of epoch "
+                                  f"{start_epoch}/{config.epochs}."))
+        else:
+            personal = self.store.load_personal()
+            start = {**held, **{n: t for n, t in personal.items()
+                                if seg_of.get(n) in personal_segs}}
+            missing = set(seg_of) - set(start)
+            if missing:
+                raise DownloadCorrupt(f"{len(missing)} tensors of the model are missing after "
+                                      "the download")
+            model.load_state_dict(start, strict=True)
+            round_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(record_path, json.dumps(record).encode())
+
+        if start_epoch < config.epochs:
+            self._train(model, images, config, manifest, round_dir, record, start_epoch)
+
+        trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        if personal_segs:
+            self.store.save_personal({n: t for n, t in trained.items()
+                                      if seg_of[n] in personal_segs},
+                                     manifest.preset, r, personal_segs)
+        upload = set(manifest.upload_segments)
+        delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
+        epochs = record["epochs"]
+        steps = sum(e["steps"] for e in epochs)
+        meta: dict[str, object] = {
+            "kind": "delta", "preset": manifest.preset, "round": r, "base_version": version,
+            "num_samples": int(images.shape[0]), "segments": ",".join(manifest.upload_segments),
+        }
+        if steps:
+            mean_loss = sum(e["mean_loss"] * e["steps"] for e in epochs) / steps
+            if math.isfinite(mean_loss):
+                meta["mean_loss"] = f"{mean_loss:.6g}"
+        atomic_write_bytes(upload_path, encode_tensors(delta, meta))
+
+    def _train(self, model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
+               manifest: Manifest, round_dir: Path, record: dict, start_epoch: int) -> None:
+        r = manifest.round
+        epochs = config.epochs
+        steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
+        total_steps = epochs * steps_per_epoch
+        self.emit(ev.PhaseEvent("training", f"round {r}: training {epochs} local epoch(s) on "
+                                f"{images.shape[0]} images ({self._device})"))
+        progress = self._progress("train")
+        current = {"epoch": start_epoch, "loss_sum": 0.0, "loss_n": 0, "last": 0.0}
+        progress(start_epoch * steps_per_epoch, total_steps)
+
+        def on_step(step: int, per_epoch: int, loss: float) -> None:
+            current["loss_sum"] += loss
+            current["loss_n"] += 1
+            done = current["epoch"] * per_epoch + step
+            now = time.monotonic()
+            if now - current["last"] >= PROGRESS_INTERVAL_S or step == per_epoch:
+                current["last"] = now
+                self.emit(ev.LossEvent(current["epoch"] + 1, step,
+                                       current["loss_sum"] / current["loss_n"]))
+                current["loss_sum"], current["loss_n"] = 0.0, 0
+                progress(done, epochs * per_epoch)
+
+        def on_epoch(report: EpochReport, trained: torch.nn.Module) -> None:
+            tensors = {n: p.detach().to("cpu") for n, p in trained.named_parameters()}
+            save_weights(self.store.checkpoint_path(round_dir, report.epoch), tensors, {
+                "kind": "checkpoint", "preset": manifest.preset, "round": r,
+                "base_version": manifest.global_version, "epoch": report.epoch})
+            record["epochs"].append({"epoch": report.epoch, "mean_loss": report.mean_loss,
+                                     "steps": report.steps})
+            atomic_write_bytes(round_dir / "round.json", json.dumps(record).encode())
+            self.store.clear_checkpoints(round_dir, keep=report.epoch)
+            current["epoch"] = report.epoch
+            self.emit(ev.EpochEvent(report.epoch, epochs, report.mean_loss, report.seconds))
+            self.emit(ev.LogEvent(f"Round {r}: epoch {report.epoch}/{epochs} loss "
+                                  f"{report.mean_loss:.4f} "
+                                  f"({report.images / max(report.seconds, 1e-9):.0f} img/s)."))
+            _maybe_crash(report.epoch)
+
+        result = train_local(model, images, self._schedule, config,
+                             seed=manifest.training.seed, device=self._device or "cpu",
+                             start_epoch=start_epoch, on_step=on_step, on_epoch=on_epoch,
+                             should_stop=self.stop.is_set)
+        if result.stopped:
+            done = current["epoch"]
+            raise Cancelled(f"training stopped; {done} of {epochs} epoch(s) of round {r} are "
+                            "saved and the next start resumes from there")
+
+    def _training_images(self, preset: str) -> torch.Tensor:
+        if preset not in self._images:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                images = load_training_images(self.options.data_dir, preset)
+            for w in caught:
+                self.emit(ev.LogEvent(str(w.message), "warning"))
+            self._images = {preset: images}
+            self.emit(ev.LogEvent(f"Loaded {images.shape[0]} images from "
+                                  f"{self.options.data_dir} at {images.shape[-1]}x"
+                                  f"{images.shape[-2]}x{images.shape[1]}."))
+        return self._images[preset]
+
+    # -- downloads ----------------------------------------------------------------------------
+
+    def _ensure_global(self, manifest: Manifest, seg_of: dict[str, str]
+                       ) -> dict[str, torch.Tensor]:
+        """The global weights at the manifest's version for every segment it asks us to take,
+        downloading only what is missing locally."""
+        version = manifest.global_version
+        held = self.store.load_global()
+        personal_names = set(self.store.load_personal())
+        names_of = {s: [n for n, g in seg_of.items() if g == s] for s in SEGMENTS}
+
+        def have(segment: str, at_version: bool) -> bool:
+            names = names_of[segment]
+            if at_version and held.segment_versions.get(segment) != version:
+                return False
+            return all(n in held.tensors or (not at_version and n in personal_names)
+                       for n in names)
+
+        want = {s for s in manifest.download_segments if not have(s, at_version=True)}
+        want |= {s for s in SEGMENTS if not have(s, at_version=False)}
+        want |= {s for s in manifest.upload_segments if not have(s, at_version=True)}
+        segments = tuple(s for s in SEGMENTS if s in want)
+        if not segments:
+            self.emit(ev.LogEvent(f"Round {manifest.round}: the global model {version[:12]} "
+                                  "is already here."))
+            return held.tensors
+        dest = self.store.download_path(version, segments)
+        expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()
+                    if seg_of[n] in want}
+        self.emit(ev.PhaseEvent("downloading", f"round {manifest.round}: downloading "
+                                f"{', '.join(segments)} of global model {version[:12]}"))
+        progress = self._progress("download")
+
+        def fetch() -> dict[str, torch.Tensor]:
+            if not dest.is_file():
+                self.hub.download_model(version, segments, dest, on_progress=progress,
+                                        should_stop=self.stop.is_set)
+            try:
+                tensors, meta = decode_tensors(dest.read_bytes(), expected)
+            except WireFormatError as exc:
+                dest.unlink(missing_ok=True)
+                raise DownloadCorrupt(f"the downloaded model is not valid ({exc})") from exc
+            said = read_metadata_value(meta, "version")
+            if said is not None and said != version:
+                dest.unlink(missing_ok=True)
+                raise DownloadCorrupt(f"the hub sent version {said[:12]} instead of "
+                                      f"{version[:12]}")
+            return tensors
+
+        tensors = self._retry(f"downloading global model {version[:12]}", fetch)
+        size = dest.stat().st_size
+        merged = self.store.merge_global(tensors, segments, version, manifest.preset,
+                                         manifest.round)
+        self.store.update_info(global_version=version, global_round=manifest.round)
+        self.store.clear_downloads()
+        self.emit(ev.LogEvent(f"Round {manifest.round}: downloaded {', '.join(segments)} "
+                              f"({size / 1e6:.2f} MB), verified."))
+        return merged.tensors
+
+    def _fetch_final(self, manifest: Manifest) -> None:
+        seg_of = segment_map(build_unet(manifest.preset))
+        self._ensure_global(manifest, seg_of)
+        self.store.update_info(finished=True)
+        self.emit(ev.PhaseEvent("finished", f"the federation {manifest.federation} finished "
+                                f"after {manifest.rounds} rounds"))
+        self.emit(ev.LogEvent("The federation is finished: sample from the final model with "
+                              "`feddiffuse-client sample`."))
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def _progress(self, task: str):
+        last = [0.0]
+
+        def report(done: float, total: float | None) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S or (total is not None and done >= total):
+                last[0] = now
+                self.emit(ev.ProgressEvent(task, done, total))
+
+        return report
+
+
+def _assignment(manifest: Manifest) -> dict:
+    return {"round": manifest.round, "global_version": manifest.global_version,
+            "upload_segments": list(manifest.upload_segments),
+            "training": manifest.training.model_dump()}
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("epochs"), list) else None
+
+
+def _maybe_crash(epoch: int) -> None:
+    import os
+
+    target = os.environ.get(CRASH_AFTER_EPOCH_ENV)
+    if target and target.isdigit() and int(target) == epoch:
+        os._exit(75)
+

@@ -1,0 +1,72 @@
+"""Sampling from the client's current model: the global weights plus its personal segments."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from feddiffuse.shared.diffusion import DiffusionSchedule, make_generator, sample
+from feddiffuse.shared.images import save_grid
+from feddiffuse.shared.methods import personal_segments
+from feddiffuse.shared.model import build_unet, segment_map
+
+from .errors import Cancelled, SetupError
+from .participant import describe_device
+from .state import HubStore
+
+
+@dataclass
+class SampleResult:
+    path: Path
+    images: torch.Tensor  # float in [-1, 1], N x C x H x W
+    description: str
+
+
+def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
+    """The UNet with the client's current weights, and a line that says what they are."""
+    info = store.load_info()
+    held = store.load_global()
+    if not held.tensors or info.preset is None:
+        raise SetupError(f"There is no model for {store.url} yet; join the federation first "
+                         "(feddiffuse-client join).")
+    model = build_unet(info.preset)
+    seg_of = segment_map(model)
+    personal_segs = personal_segments(info.method) if info.method else ()
+    personal = {n: t for n, t in store.load_personal().items() if seg_of.get(n) in personal_segs}
+    weights = {**held.tensors, **personal}
+    missing = set(seg_of) - set(weights)
+    if missing:
+        raise SetupError(f"The model kept for {store.url} is incomplete ({len(missing)} tensors "
+                         "missing); run feddiffuse-client join to fetch it again.")
+    model.load_state_dict(weights, strict=True)
+    what = f"global model {held.version[:12] if held.version else '?'}"
+    if personal:
+        what += f" with this client's own {', '.join(personal_segs)}"
+    return model, what
+
+
+def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str = "auto",
+                seed: int = 0, on_step=None, stop: threading.Event | None = None
+                ) -> SampleResult:
+    """Sample `n` images with DDIM in `steps` steps and write them as a PNG grid to `out`."""
+    if n < 1:
+        raise SetupError("The number of images must be at least 1.")
+    if steps < 1:
+        raise SetupError("The number of sampling steps must be at least 1.")
+    model, what = current_model(store)
+    dev, _reason = describe_device(device)
+    model.to(dev)
+
+    def step(i: int, total: int) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled("sampling stopped")
+        if on_step is not None:
+            on_step(i, total)
+
+    images = sample(model, DiffusionSchedule.linear().to(dev), n, make_generator(seed, dev),
+                    "ddim", steps=steps, device=dev, on_step=step)
+    path = save_grid(images, out)
+    return SampleResult(path, images, f"{n} samples from the {what}, DDIM {steps} steps")

@@ -1,0 +1,1 @@
+"""The terminal app: setup, dashboard and samples screens (Textual)."""

@@ -1,0 +1,294 @@
+"""The client against a real feddiffuse-hub on loopback: methods, resume after a kill, faults.
+
+What the hub received is read from its own store, so "only the assigned segments" and
+"personal segments never leave the client" are checked where it matters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from edge_images import make_images
+from edge_proxy import CuttingProxy
+from edge_realhub import RealHub, quiet_env, script
+
+from feddiffuse.edge_client import events as ev
+from feddiffuse.edge_client.backoff import Backoff
+from feddiffuse.edge_client.hub_client import HubClient
+from feddiffuse.edge_client.participant import (
+    CRASH_AFTER_EPOCH_ENV,
+    Participant,
+    ParticipantOptions,
+)
+from feddiffuse.edge_client.state import HubStore
+from feddiffuse.shared.methods import personal_segments
+from feddiffuse.shared.model import build_unet, segment_map
+
+pytestmark = pytest.mark.slow
+
+SEGMENT_OF = segment_map(build_unet("tiny"))
+FAST = ["--backoff-initial", "0.1", "--backoff-max", "0.5", "--poll", "0.2"]
+
+
+def names_of(segments) -> set[str]:
+    return {n for n, s in SEGMENT_OF.items() if s in segments}
+
+
+class InProcessClient:
+    def __init__(self, hub: RealHub, name: str, tmp_path, url: str | None = None) -> None:
+        self.name = name
+        self.url = url or hub.url
+        self.token = hub.tokens[name]
+        self.store = HubStore(self.url, home=tmp_path / name / "home")
+        self.images = make_images(tmp_path / name / "images", n=16, seed=len(name))
+        self.events: list = []
+        self.error: BaseException | None = None
+
+    def run(self, once: bool = False):
+        options = ParticipantOptions(self.images, "cpu", once=once,
+                                     backoff=Backoff(initial=0.05, maximum=0.5), poll_s=0.2)
+        with HubClient(self.url, self.token) as hub:
+            return Participant(hub, self.store, options, self.events.append).run()
+
+    def run_in_thread(self, **kwargs) -> threading.Thread:
+        def target():
+            try:
+                self.outcome = self.run(**kwargs)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.error = exc
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread
+
+    def manifests(self):
+        return [e.manifest for e in self.events if isinstance(e, ev.RoundEvent)]
+
+
+@pytest.mark.parametrize("method", ["full", "usplit", "ulatdec", "udec"])
+def test_two_clients_two_rounds_against_the_hub(method, tmp_path):
+    hub = RealHub(tmp_path / "hub", method=method).start_in_thread()
+    try:
+        clients = [InProcessClient(hub, name, tmp_path) for name in ("alice", "bob")]
+        threads = [c.run_in_thread() for c in clients]
+        for t in threads:
+            t.join(timeout=240)
+        for c in clients:
+            assert c.error is None, repr(c.error)
+            assert c.outcome.finished and c.outcome.rounds_done == [1, 2]
+        received = hub.received()
+        assert sorted((r.round, r.client) for r in received) == [
+            (1, "alice"), (1, "bob"), (2, "alice"), (2, "bob")]
+        personal = set(personal_segments(method))
+        assigned = {(m.round, m.client_id): tuple(m.upload_segments)
+                    for c in clients for m in c.manifests() if m.phase == "open"}
+        for r in received:
+            assert r.names == names_of(assigned[(r.round, r.client)]), (r.round, r.client)
+            assert not r.names & names_of(personal)
+            assert r.metadata["feddiffuse.kind"] == "delta"
+        if method == "usplit":  # each round, the pair reports the whole model between them
+            for rnd in (1, 2):
+                union = set().union(*(r.names for r in received if r.round == rnd))
+                assert union == set(SEGMENT_OF)
+        for c in clients:
+            held = c.store.load_global()
+            final = [m for m in c.manifests() if m.phase == "finished"][-1]
+            assert held.version == final.global_version
+            if personal:
+                kept = c.store.load_personal()
+                assert set(kept) == names_of(personal)
+                # Trained locally, never sent: the personal weights differ from the hub's.
+                name = sorted(kept)[0]
+                assert not torch.equal(kept[name], held.tensors[name])
+    finally:
+        hub.stop()
+
+
+def join_cmd(hub: RealHub, name: str, data, *extra: str) -> list[str]:
+    return [script("feddiffuse-client"), "join", "--hub", hub.url, "--token", hub.tokens[name],
+            "--data", str(data), "--device", "cpu", *FAST, *extra]
+
+
+def test_cli_join_status_and_sample_with_two_clients(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="usplit", rounds=1).start()
+    try:
+        homes = {n: tmp_path / n / "home" for n in ("alice", "bob")}
+        procs = {n: subprocess.Popen(
+            join_cmd(hub, n, make_images(tmp_path / n / "images", seed=len(n)), "--once"),
+            env=quiet_env(homes[n]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) for n in homes}
+        outputs = {n: p.communicate(timeout=240)[0] for n, p in procs.items()}
+        for n, p in procs.items():
+            assert p.returncode == 0, outputs[n]
+            assert "Training on cpu: CPU, as asked." in outputs[n]
+            assert "Round 1: uploaded" in outputs[n]
+        hub.wait_for(lambda s: s.federation.finished, what="the federation to finish")
+        status = subprocess.run([script("feddiffuse-client"), "status"], env=quiet_env(
+            homes["alice"]), capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert hub.url in status.stdout and "edge-test" in status.stdout
+        assert "last report  round 1" in status.stdout
+        token_file = next((homes["alice"] / "client" / "hubs").iterdir()) / "token"
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        grid = tmp_path / "grid.png"
+        sample = subprocess.run([script("feddiffuse-client"), "sample", "--n", "4", "--steps",
+                                 "2", "--out", str(grid), "--device", "cpu"],
+                                env=quiet_env(homes["alice"]), capture_output=True, text=True,
+                                timeout=120)
+        assert sample.returncode == 0, sample.stderr
+        assert grid.is_file() and str(grid) in sample.stdout
+    finally:
+        hub.stop()
+
+
+def wait_for_file(pattern_dir, pattern: str, proc: subprocess.Popen, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(pattern_dir.rglob(pattern)) if pattern_dir.exists() else []
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"the client exited early: {proc.stdout.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {pattern} appeared")
+
+
+@pytest.mark.parametrize("how", ["crash-hook", "sigkill"])
+def test_killed_during_training_resumes_from_the_last_epoch(how, tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=1,
+                  local_epochs=3).start_in_thread()
+    try:
+        home = tmp_path / "home"
+        images = make_images(tmp_path / "images", n=48)
+        extra = {CRASH_AFTER_EPOCH_ENV: "1"} if how == "crash-hook" else {}
+        proc = subprocess.Popen(join_cmd(hub, "alice", images, "--once"),
+                                env=quiet_env(home, **extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        if how == "sigkill":
+            wait_for_file(home, "epoch-001.safetensors", proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+        first, _ = proc.communicate(timeout=180)
+        assert proc.returncode != 0, first
+        assert "epoch 1/3" in first and "uploaded" not in first
+        assert not hub.received()
+        again = subprocess.run(join_cmd(hub, "alice", images, "--once"), env=quiet_env(home),
+                               capture_output=True, text=True, timeout=240)
+        assert again.returncode == 0, again.stdout + again.stderr
+        m = re.search(r"resuming from the checkpoint of epoch (\d)/3", again.stdout)
+        assert m, again.stdout
+        resumed_from = int(m.group(1))
+        assert resumed_from >= 1
+        done = re.findall(r"epoch (\d)/3 loss", again.stdout)
+        assert done == [str(e) for e in range(resumed_from + 1, 4)]
+        assert "downloading" not in again.stdout  # the global model was already on disk
+        assert [r.client for r in hub.received()] == ["alice"]
+    finally:
+        hub.stop()
+
+
+def test_hub_down_at_start_then_restarted_mid_round(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=2,
+                  local_epochs=3)
+    home = tmp_path / "home"
+    images = make_images(tmp_path / "images", n=48)
+    # The hub is not serving yet: a first join with --wait keeps trying until it is up.
+    proc = subprocess.Popen(join_cmd(hub, "alice", images, "--wait"),
+                            env=quiet_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("retry: reaching the hub" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            time.sleep(0.1)
+        assert not home.exists() or not list(home.rglob("token"))  # nothing saved yet
+        hub.start()
+        wait_for_file(home, "epoch-001.safetensors", proc)
+        hub.kill()  # mid-round, while the client trains
+        deadline = time.monotonic() + 120
+        while not any("retry:" in line and "uploading" in line for line in lines):
+            assert time.monotonic() < deadline, lines
+            assert proc.poll() is None, lines
+            time.sleep(0.1)
+        hub.start()
+        proc.wait(timeout=300)
+        reader.join(5)
+        out = "".join(lines)
+        assert proc.returncode == 0, out
+        assert "The federation is finished" in out
+        assert [(r.round, r.client) for r in hub.received()] == [(1, "alice"), (2, "alice")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        hub.stop()
+
+
+def test_known_hub_down_at_start_is_waited_for(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=2).start()
+    home = tmp_path / "home"
+    images = make_images(tmp_path / "images", n=16)
+    try:
+        first = subprocess.run(join_cmd(hub, "alice", images, "--once"), env=quiet_env(home),
+                               capture_output=True, text=True, timeout=240)
+        assert first.returncode == 0, first.stdout + first.stderr
+        hub.stop()
+        proc = subprocess.Popen([script("feddiffuse-client"), "join", *FAST],
+                                env=quiet_env(home), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        time.sleep(4)
+        assert proc.poll() is None
+        hub.start()
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        assert "retry: fetching the round manifest failed" in out
+        assert "connection refused" in out
+        assert "The federation is finished" in out
+    finally:
+        hub.stop()
+
+
+def test_cut_off_download_and_upload_recover(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=1)
+    hub.start_in_thread()
+    proxy = CuttingProxy(hub.port, limit=300_000)
+    try:
+        proxy.cut_download = 1
+        proxy.cut_upload = 1
+        client = InProcessClient(hub, "alice", tmp_path, url=proxy.url)
+        outcome = client.run(once=True)
+        assert outcome.rounds_done == [1]
+        assert sorted(proxy.cuts) == ["download", "upload"]
+        retries = [e for e in client.events if isinstance(e, ev.RetryEvent)]
+        assert any("downloading" in e.what for e in retries)
+        assert any("uploading" in e.what for e in retries)
+        assert [r.client for r in hub.received()] == ["alice"]
+    finally:
+        proxy.close()
+        hub.stop()
+
+
+def test_revoked_token_is_reported_in_one_sentence(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=1)
+    hub.start_in_thread()
+    try:
+        home = tmp_path / "home"
+        images = make_images(tmp_path / "images", n=16)
+        hub.revoke("alice")
+        res = subprocess.run(join_cmd(hub, "alice", images, "--once"), env=quiet_env(home),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2
+        assert res.stderr.strip().startswith("error: The hub at")
+        assert "wrong or has been revoked" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert not home.exists()
+    finally:
+        hub.stop()

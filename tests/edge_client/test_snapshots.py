@@ -1,0 +1,118 @@
+"""Snapshot tests of the terminal app's screens (pytest-textual-snapshot).
+
+Update the stored SVGs after an intended change with `pytest tests/edge_client/test_snapshots.py
+--snapshot-update`, and look at them before committing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_textual_snapshot")
+
+from textual.widgets import Input  # noqa: E402
+
+from feddiffuse.edge_client import events as ev  # noqa: E402
+from feddiffuse.edge_client.inputs import FolderScan  # noqa: E402
+from feddiffuse.edge_client.sampling import SampleResult  # noqa: E402
+from feddiffuse.edge_client.session import Joined  # noqa: E402
+from feddiffuse.edge_client.state import HubStore  # noqa: E402
+from feddiffuse.edge_client.tui.app import ClientApp  # noqa: E402
+from feddiffuse.edge_client.tui.screens import dashboard  # noqa: E402
+from feddiffuse.edge_client.tui.screens.dashboard import Dashboard  # noqa: E402
+from feddiffuse.edge_client.tui.screens.samples import SamplesScreen  # noqa: E402
+from feddiffuse.shared.protocol import Manifest, TrainingSettings  # noqa: E402
+
+DEVICES = [("Auto: CPU (no CUDA GPU or Apple MPS found)", "auto"), ("CPU", "cpu")]
+SIZE = (100, 36)
+URL = "http://hub.example.org:8000"
+
+
+def still(app: ClientApp) -> ClientApp:
+    """No animation: indeterminate progress bars are drawn the same at every moment."""
+    app.animation_level = "none"
+    return app
+
+
+def joined() -> Joined:
+    scan = FolderScan(Path("/data/images"), files=64, usable=64, probed=64,
+                      total_bytes=52_900, sizes=Counter({(28, 28): 64}))
+    return Joined(URL, "token", Path("/data/images"), "cpu", "cpu (CPU, as asked)", scan,
+                  HubStore(URL), None)
+
+
+def manifest() -> Manifest:
+    return Manifest(federation="clinic-study", client_id="alice", phase="open", round=2,
+                    rounds=15, method="usplit", preset="tiny", global_version="ab" * 32,
+                    download_segments=["encoder", "bottleneck", "decoder"],
+                    upload_segments=["encoder", "bottleneck"],
+                    training=TrainingSettings(local_epochs=5, batch_size=128, lr=1e-4))
+
+
+async def no_focus(pilot):
+    pilot.app.screen.set_focus(None)  # no blinking cursor in the picture
+    await pilot.pause()
+
+
+def test_setup_screen(snap_compare):
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE,
+                        run_before=no_focus)
+
+
+def test_setup_screen_with_a_bad_url(snap_compare):
+    async def fill(pilot):
+        screen = pilot.app.screen
+        screen.query_one("#hub-url", Input).value = "hub.example.org"
+        screen.query_one("#token", Input).value = "secret"
+        await pilot.click("#join")
+        for _ in range(100):
+            if screen.query_one("#setup-error").has_class("-bad"):
+                break
+            await pilot.pause(0.05)
+
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE, run_before=fill)
+
+
+def test_dashboard(snap_compare, monkeypatch):
+    monkeypatch.setattr(dashboard, "clock_time", lambda: "12:00:00")
+
+    async def feed(pilot):
+        pilot.app.open_dashboard(joined())
+        await pilot.pause(0.1)
+        screen = pilot.app.screen
+        for event in (
+            ev.DeviceEvent("cpu", "CPU, as asked"),
+            ev.RoundEvent(manifest()),
+            ev.PhaseEvent("training", "round 2: training 5 local epoch(s) on 64 images (cpu)"),
+            ev.ProgressEvent("download", 4_054_188, 4_054_188),
+            *(ev.LossEvent(1, i, 0.5 - 0.01 * i + 0.02 * (i % 3)) for i in range(1, 30)),
+            ev.LogEvent("Round 2: epoch 1/5 loss 0.3112 (66 img/s)."),
+            ev.RetryEvent("fetching the round manifest", 1, 1.4, "connection refused"),
+        ):
+            screen.post_message(Dashboard.Update(event))
+        await pilot.pause(0.2)
+
+    app = still(ClientApp(devices=DEVICES, autostart=False))
+    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+
+
+def test_samples_screen_with_a_grid(snap_compare):
+    y, x = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    images = torch.stack([(torch.cos(3 * (x * k + y)) * 0.9).unsqueeze(0)
+                          for k in (0.5, 1.0, 1.5, 2.0)])
+
+    async def show(pilot):
+        pilot.app.push_screen(SamplesScreen(joined()))
+        await pilot.pause(0.1)
+        result = SampleResult(Path("/data/samples/grid.png"), images,
+                              "4 samples from the global model abababababab, DDIM 50 steps")
+        pilot.app.screen.post_message(SamplesScreen.Done(
+            result, f"{result.description}. Saved to {result.path}"))
+        pilot.app.screen.set_focus(None)  # no blinking cursor in the picture
+        await pilot.pause(0.2)
+
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE, run_before=show)
