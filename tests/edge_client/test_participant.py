@@ -128,6 +128,21 @@ def test_cancel_then_resume_from_the_last_epoch_checkpoint(tmp_path, quick_backo
     assert hub.finished and len(hub.uploads) == 1
 
 
+def test_a_resumed_round_uploads_exactly_what_an_uninterrupted_one_does(tmp_path, quick_backoff):
+    # The epoch checkpoint holds Adam's state too, so resuming changes nothing in the result.
+    results = []
+    for interrupted in (False, True):
+        hub = FakeHub(method="full", clients=("client-a",), rounds=1, local_epochs=2)
+        a = Client(hub, "client-a", tmp_path / str(interrupted), quick_backoff)
+        if interrupted:
+            stop = threading.Event()
+            with pytest.raises(Cancelled):
+                a.run(stop=stop, emit=lambda e, s=stop: isinstance(e, ev.EpochEvent) and s.set())
+        assert a.run().rounds_done == [1]
+        results.append(hub.global_state)
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
 def test_faults_are_retried_without_user_action(tmp_path, quick_backoff):
     hub = FakeHub(method="full", clients=("client-a", "client-b"), rounds=2)
     a = Client(hub, "client-a", tmp_path, quick_backoff)

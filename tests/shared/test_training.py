@@ -46,6 +46,31 @@ def test_resuming_from_an_epoch_gives_the_same_weights_as_not_stopping():
     assert [e.epoch for e in res.epochs] == [2]
 
 
+def test_resuming_with_the_optimizer_state_is_bit_identical():
+    from feddiffuse.shared.wire import decode_tensors, encode_tensors
+
+    sched = DiffusionSchedule.linear()
+    cfg = TrainConfig(epochs=2, batch_size=16)
+    full = build_unet("tiny", seed=0)
+    train_local(full, images(), sched, cfg, seed=5)
+    saved = {}
+
+    def keep(report, model):
+        if report.epoch == 1:  # what a checkpoint holds, through the safetensors codec
+            saved["model"] = decode_tensors(encode_tensors(params(model), {}))[0]
+            saved["optim"] = decode_tensors(encode_tensors(report.optimizer_state(), {}))[0]
+
+    first = build_unet("tiny", seed=0)
+    train_local(first, images(), sched, cfg, seed=5, on_epoch=keep,
+                should_stop=lambda: "model" in saved)
+    resumed = build_unet("tiny", seed=1)
+    resumed.load_state_dict(saved["model"])
+    train_local(resumed, images(), sched, cfg, seed=5, start_epoch=1,
+                optimizer_state=saved["optim"])
+    a, b = params(full), params(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_should_stop_interrupts_between_steps():
     calls = []
     res = train_local(build_unet("tiny", seed=0), images(), DiffusionSchedule.linear(),

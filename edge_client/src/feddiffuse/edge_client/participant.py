@@ -57,6 +57,7 @@ from .state import HubStore
 # would, right after the checkpoint of this epoch is written.
 CRASH_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_CRASH_AFTER_EPOCH"
 PROGRESS_INTERVAL_S = 0.1
+OPTIM_PREFIX = "optim."  # checkpoint tensors holding Adam's state, beside the weights
 
 
 @dataclass
@@ -263,9 +264,13 @@ class Participant:
                                                "epochs": []}
         checkpoint = self.store.latest_checkpoint(round_dir)
         start_epoch = 0
+        optimizer_state: dict[str, torch.Tensor] = {}
         if checkpoint is not None:
             tensors, _ = load_weights(checkpoint[1])
-            model.load_state_dict(tensors, strict=True)
+            optimizer_state = {n[len(OPTIM_PREFIX):]: t for n, t in tensors.items()
+                               if n.startswith(OPTIM_PREFIX)}
+            model.load_state_dict({n: t for n, t in tensors.items()
+                                   if not n.startswith(OPTIM_PREFIX)}, strict=True)
             start_epoch = min(checkpoint[0], config.epochs)
             record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= start_epoch]
             self.emit(ev.LogEvent(f"Round {r}: resuming from the checkpoint of epoch "
@@ -283,7 +288,8 @@ class Participant:
             atomic_write_bytes(record_path, json.dumps(record).encode())
 
         if start_epoch < config.epochs:
-            self._train(model, images, config, manifest, round_dir, record, start_epoch)
+            self._train(model, images, config, manifest, round_dir, record, start_epoch,
+                        optimizer_state)
 
         trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
         if personal_segs:
@@ -305,7 +311,8 @@ class Participant:
         atomic_write_bytes(upload_path, encode_tensors(delta, meta))
 
     def _train(self, model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
-               manifest: Manifest, round_dir: Path, record: dict, start_epoch: int) -> None:
+               manifest: Manifest, round_dir: Path, record: dict, start_epoch: int,
+               optimizer_state: dict[str, torch.Tensor]) -> None:
         r = manifest.round
         epochs = config.epochs
         steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
@@ -330,6 +337,9 @@ class Participant:
 
         def on_epoch(report: EpochReport, trained: torch.nn.Module) -> None:
             tensors = {n: p.detach().to("cpu") for n, p in trained.named_parameters()}
+            if report.optimizer_state is not None:  # so a resumed round is bit-identical
+                tensors.update({OPTIM_PREFIX + n: t
+                                for n, t in report.optimizer_state().items()})
             save_weights(self.store.checkpoint_path(round_dir, report.epoch), tensors, {
                 "kind": "checkpoint", "preset": manifest.preset, "round": r,
                 "base_version": manifest.global_version, "epoch": report.epoch})
@@ -347,7 +357,8 @@ class Participant:
         result = train_local(model, images, self._schedule, config,
                              seed=manifest.training.seed, device=self._device or "cpu",
                              start_epoch=start_epoch, on_step=on_step, on_epoch=on_epoch,
-                             should_stop=self.stop.is_set)
+                             should_stop=self.stop.is_set,
+                             optimizer_state=optimizer_state or None)
         if result.stopped:
             done = current["epoch"]
             raise Cancelled(f"training stopped; {done} of {epochs} epoch(s) of round {r} are "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +76,9 @@ class EpochReport:
     steps: int
     images: int
     seconds: float
+    # Returns the optimiser state as named tensors, for an epoch checkpoint (see train_local).
+    optimizer_state: Callable[[], dict[str, torch.Tensor]] | None = field(
+        default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -103,6 +106,41 @@ StepCallback = Callable[[int, int, float], None]  # (step in epoch, steps per ep
 EpochCallback = Callable[[EpochReport, nn.Module], None]
 
 
+_OPTIM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def adam_state_tensors(optimizer: torch.optim.Optimizer, model: nn.Module
+                       ) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat named CPU tensors ("exp_avg.<param>", ...).
+
+    Plain tensors so that a checkpoint stays a safetensors file (never a pickle).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key in _OPTIM_KEYS:
+            value = state[key]
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            out[f"{key}.{name}"] = value.detach().to("cpu", torch.float32, copy=True)
+    return out
+
+
+def load_adam_state(optimizer: torch.optim.Optimizer, model: nn.Module,
+                    tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore what `adam_state_tensors` saved (parameters without state are left fresh)."""
+    for name, p in model.named_parameters():
+        if f"step.{name}" not in tensors:
+            continue
+        optimizer.state[p] = {
+            "step": tensors[f"step.{name}"].to(torch.float32).reshape(()).clone(),
+            "exp_avg": tensors[f"exp_avg.{name}"].to(p.device, p.dtype).reshape(p.shape).clone(),
+            "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, p.dtype)
+                          .reshape(p.shape).clone(),
+        }
+
+
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -113,11 +151,14 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
                 config: TrainConfig, seed: int, device: torch.device | str = "cpu",
                 start_epoch: int = 0, on_step: StepCallback | None = None,
                 on_epoch: EpochCallback | None = None,
-                should_stop: Callable[[], bool] | None = None) -> TrainResult:
+                should_stop: Callable[[], bool] | None = None,
+                optimizer_state: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train `model` in place on `images` (uint8, N x C x H x W) for the configured epochs.
 
-    `start_epoch` skips epochs already done (resume). `should_stop` is polled between steps;
-    when it returns True training stops at once and the result says so.
+    `start_epoch` skips epochs already done (resume); with the `optimizer_state` that an epoch
+    report's `optimizer_state()` returned, a resumed run gives exactly the weights of one that
+    never stopped. `should_stop` is polled between steps; when it returns True training stops
+    at once and the result says so.
     """
     config.validate()
     if images.dtype != torch.uint8 or images.ndim != 4:
@@ -132,6 +173,8 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
     schedule = schedule.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if optimizer_state:
+        load_adam_state(optimizer, model, optimizer_state)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
@@ -164,7 +207,8 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
             if on_step is not None:
                 on_step(step + 1, steps_per_epoch, value)
         report = EpochReport(epoch + 1, loss_sum / max(seen, 1), steps, seen,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started,
+                             optimizer_state=lambda: adam_state_tensors(optimizer, model))
         result.epochs.append(report)
         if on_epoch is not None:
             on_epoch(report, model)
