@@ -114,3 +114,11 @@ def test_bad_config_and_empty_data_are_user_errors():
         train_local(m, images(), s, TrainConfig(epochs=0), seed=0)
     with pytest.raises(UserError, match="no images"):
         train_local(m, images()[:0], s, TrainConfig(), seed=0)
+
+
+def test_a_stopped_run_hands_the_model_back_in_the_default_layout():
+    model = build_unet("tiny", seed=0)
+    train_local(model, images(16), DiffusionSchedule.linear(),
+                TrainConfig(epochs=1, batch_size=8, channels_last=True), seed=0,
+                should_stop=lambda: True)
+    assert all(p.is_contiguous() for p in model.parameters())

@@ -56,7 +56,10 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-4
     loss: str = "huber"
-    channels_last: bool = False
+    # channels_last is on by default: 1.1-1.5x faster training on the project's CPU, with
+    # weights within 1e-5 of the default layout (benchmarks/train_speed.py). bf16 autocast is
+    # faster still on CPUs with native bf16 but stays an option.
+    channels_last: bool = True
     bf16: bool = False  # bf16 autocast for the forward pass (CPU or CUDA)
     max_steps_per_epoch: int | None = None  # for benchmarks and smoke tests
 
@@ -172,46 +175,49 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
         model.to(memory_format=torch.channels_last)
     schedule = schedule.to(device)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # foreach: one multi-tensor kernel per step instead of a loop over parameters (faster).
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     if optimizer_state:
         load_adam_state(optimizer, model, optimizer_state)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     result = TrainResult()
-    for epoch in range(start_epoch, config.epochs):
-        gen_seed = epoch_seed(seed, epoch)
-        order = torch.randperm(n, generator=make_generator(gen_seed, "cpu"))
-        noise_gen = make_generator(gen_seed + 1, device)
-        started = time.perf_counter()
-        loss_sum = 0.0
-        seen = 0
-        steps = 0
-        for step in range(steps_per_epoch):
-            if should_stop is not None and should_stop():
-                result.stopped = True
-                return result
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            batch = to_model_range(images.index_select(0, idx).to(device, non_blocking=True))
-            if config.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, config.bf16):
-                loss = diffusion_loss(model, schedule, batch, noise_gen, config.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            loss_sum += value * batch.shape[0]
-            seen += batch.shape[0]
-            steps += 1
-            if on_step is not None:
-                on_step(step + 1, steps_per_epoch, value)
-        report = EpochReport(epoch + 1, loss_sum / max(seen, 1), steps, seen,
-                             time.perf_counter() - started,
-                             optimizer_state=lambda: adam_state_tensors(optimizer, model))
-        result.epochs.append(report)
-        if on_epoch is not None:
-            on_epoch(report, model)
-    if config.channels_last:
-        model.to(memory_format=torch.contiguous_format)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            gen_seed = epoch_seed(seed, epoch)
+            order = torch.randperm(n, generator=make_generator(gen_seed, "cpu"))
+            noise_gen = make_generator(gen_seed + 1, device)
+            started = time.perf_counter()
+            loss_sum = 0.0
+            seen = 0
+            steps = 0
+            for step in range(steps_per_epoch):
+                if should_stop is not None and should_stop():
+                    result.stopped = True
+                    return result
+                idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+                batch = to_model_range(images.index_select(0, idx).to(device, non_blocking=True))
+                if config.channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, config.bf16):
+                    loss = diffusion_loss(model, schedule, batch, noise_gen, config.loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(loss.detach())
+                loss_sum += value * batch.shape[0]
+                seen += batch.shape[0]
+                steps += 1
+                if on_step is not None:
+                    on_step(step + 1, steps_per_epoch, value)
+            report = EpochReport(epoch + 1, loss_sum / max(seen, 1), steps, seen,
+                                 time.perf_counter() - started,
+                                 optimizer_state=lambda: adam_state_tensors(optimizer, model))
+            result.epochs.append(report)
+            if on_epoch is not None:
+                on_epoch(report, model)
+    finally:
+        if config.channels_last:  # hand the model back in the default layout
+            model.to(memory_format=torch.contiguous_format)
     return result
