@@ -214,7 +214,10 @@ class Hub:
 
     def record_download(self, caller: Caller, served: ServedFile, nbytes: int) -> None:
         fed = self.store.federation()
-        self.store.add_download(fed.current_round, caller.name, served.version, served.segments,
+        # After the last round the final model's downloads belong to no round (its version
+        # opens round R + 1, which never runs): the last round's bytes out stay what it served.
+        round_index = fed.current_round + 1 if fed.finished else fed.current_round
+        self.store.add_download(round_index, caller.name, served.version, served.segments,
                                 nbytes, self.clock())
 
     # -- uploads ----------------------------------------------------------------------------

@@ -60,4 +60,6 @@ def render_status(status: HubStatus, now: datetime) -> str:
             lines.append(f"  {h.round:>5}  {len(h.participants):>12}  {len(h.reported):>8}  "
                          f"{_mb(h.bytes_in):>11}  {_mb(h.bytes_out):>11}  {loss:>9}  "
                          f"{_time(h.closed_at)}")
+            if h.missing:  # closed at the deadline without them
+                lines.append(f"  {'':>5}  missing: {_names(h.missing)}")
     return "\n".join(lines)
