@@ -34,6 +34,9 @@ _CODE_OF_STATUS = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
 
 def _error(code: ErrorCode, message: str, status: int | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
+    # A message may quote what a client sent (e.g. upload metadata with a lone surrogate,
+    # which JSON can parse but UTF-8 cannot encode): escape what UTF-8 cannot carry.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(ErrorBody(code=code, message=message).model_dump(mode="json"),
                         status_code=status or ERROR_STATUS[code], headers=headers)
 

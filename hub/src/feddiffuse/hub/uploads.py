@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from feddiffuse.shared.errors import WireFormatError
 from feddiffuse.shared.protocol import DELTA_METADATA_KEYS, ErrorCode
@@ -39,6 +41,20 @@ def invalid(message: str) -> HubError:
 
 def _short(sha: str) -> str:
     return sha[:12] + "..."
+
+
+def _whole_number(text: str) -> bool:
+    """ASCII digits only ('５' and '٥' pass str.isdecimal and int(), but are no wire format),
+    and few enough for int(), which refuses more than 4300 (no round or count needs 19)."""
+    return text.isascii() and text.isdecimal() and len(text) <= 18
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: safetensors forbids repeated keys (parsers disagree on which wins)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise WireFormatError("the header repeats a key")
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,11 @@ class UploadReceiver:
                           f"safetensors file{expected}")
         assert self._temp is not None
         self._temp.sync()
+        try:  # what aggregation will load it with must agree (its JSON parser is stricter)
+            with safe_open(self._temp.path, framework="numpy"):
+                pass
+        except SafetensorError as exc:
+            raise invalid(f"not a valid safetensors file: {exc}") from None
         temp, self._temp = self._temp, None
         return ReceivedUpload(sha, self.received, self._num_samples, self._mean_loss,
                               t.segments, temp)
@@ -206,8 +227,12 @@ class UploadReceiver:
         try:
             header, _ = read_header(prefix)
             data_len = check_layout(header)
+            json.loads(prefix[8:].decode("utf-8"), object_pairs_hook=_no_repeated_keys)
         except WireFormatError as exc:
             raise invalid(f"not a valid safetensors file: {exc}") from None
+        except (RecursionError, ValueError):  # JSON nested too deep, a 4300+ digit number
+            raise invalid("not a valid safetensors file: its header nests too deeply or holds "
+                          "a number too long to read") from None
         self._check_metadata(header.get("__metadata__") or {})
         names = set(header) - {"__metadata__"}
         if names != set(t.expected_shapes):
@@ -248,7 +273,7 @@ class UploadReceiver:
             raise invalid(f"the delta is for preset {get('preset')!r}, the federation trains "
                           f"{t.preset!r}")
         round_text = get("round") or ""
-        if not round_text.isdecimal() or int(round_text) != t.round:
+        if not _whole_number(round_text) or int(round_text) != t.round:
             raise invalid(f"the delta says round {round_text!r} but was sent for round {t.round}")
         base = get("base_version") or ""
         if base != t.base_version:
@@ -265,7 +290,7 @@ class UploadReceiver:
                            f"the update says it holds {'+'.join(said) or 'nothing'}, but round "
                            f"{t.round} asks {t.client} for {'+'.join(t.segments)}")
         samples = get("num_samples") or ""
-        if not (samples.isdecimal() and 0 < int(samples) <= _MAX_SAMPLES):
+        if not (_whole_number(samples) and 0 < int(samples) <= _MAX_SAMPLES):
             raise invalid(f"num_samples must be a positive whole number, not {samples!r}")
         self._num_samples = int(samples)
         loss = get("mean_loss")
