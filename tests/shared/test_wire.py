@@ -111,3 +111,41 @@ def test_encoding_is_readable_by_safetensors_itself():
     t = {"w": torch.randn(3, 5), "a": torch.zeros(0), "z": torch.ones(1)}
     out = load(encode_tensors(t, {"kind": "global"}))
     assert set(out) == set(t) and all(torch.equal(out[k], t[k]) for k in t)
+
+
+def _frame(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+@pytest.mark.parametrize("body", [
+    _frame(b"[" * 5000 + b"]" * 5000),  # deep nesting
+    _frame(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}'),
+    _frame(b'{"a":{"dtype":"F32","shape":null,"data_offsets":[0,4]}}') + b"\x00" * 4,
+    _frame(b'{"a":"x"}'),
+])
+def test_hostile_headers_are_wire_format_errors(body):
+    with pytest.raises(WireFormatError):
+        decode_tensors(body, {"a": (1,)})
+
+
+def test_random_mutations_only_ever_raise_wire_format_errors():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    valid = encode_tensors({"a": torch.ones(3), "b": torch.zeros(2, 2)}, {"round": 1})
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(st.lists(st.tuples(st.integers(0, len(valid) - 1), st.integers(0, 255)),
+                    max_size=8), st.integers(0, len(valid)))
+    def check(flips, cut):
+        data = bytearray(valid[:max(cut, 1)] if cut < len(valid) else valid)
+        for pos, value in flips:
+            if pos < len(data):
+                data[pos] = value
+        try:
+            out, _ = decode_tensors(bytes(data), {"a": (3,), "b": (2, 2)})
+        except WireFormatError:
+            return
+        assert set(out) == {"a", "b"} and torch.isfinite(out["a"]).all()
+
+    check()

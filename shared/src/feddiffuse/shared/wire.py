@@ -117,7 +117,8 @@ def read_header(data: bytes) -> tuple[dict, int]:
         raise WireFormatError("safetensors header runs past the end of the file")
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers bad JSON and integers too long to parse; RecursionError deep nesting.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireFormatError("safetensors header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise WireFormatError("safetensors header is not a JSON object")
@@ -200,7 +201,8 @@ def decode_tensors(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]] |
             info = header[name]
             if not isinstance(info, dict) or info.get("dtype") != "F32":
                 raise WireFormatError(f"tensor {name!r} must be F32")
-            if tuple(info.get("shape", ())) != tuple(shape):
+            got = info.get("shape")
+            if not isinstance(got, list) or tuple(got) != tuple(shape):
                 raise WireFormatError(f"tensor {name!r} has shape {info.get('shape')}, "
                                       f"expected {list(shape)}")
     try:
