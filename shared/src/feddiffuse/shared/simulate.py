@@ -51,7 +51,7 @@ class SimulationConfig:
     lr: float = 1e-4
     loss: str = "huber"
     device: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True
     bf16: bool = False
     sample_count: int = 64  # images in samples.png (per personal model: one row)
     sample_steps: int = 50

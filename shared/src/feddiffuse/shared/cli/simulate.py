@@ -37,7 +37,8 @@ def simulate(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     loss: Annotated[str, typer.Option(help="huber or mse.")] = "huber",
     device: Annotated[str, typer.Option(help=f"{', '.join(DEVICE_CHOICES)}.")] = "auto",
-    channels_last: Annotated[bool, typer.Option(help="channels_last memory format.")] = False,
+    channels_last: Annotated[bool, typer.Option(
+        help="channels_last memory format (default: on; 1.1-1.5x faster on CPUs).")] = True,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast in training.")] = False,
     samples: Annotated[int, typer.Option(help="Images in samples.png (0: none).")] = 64,
     sample_steps: Annotated[int, typer.Option(help="DDIM steps for samples.png.")] = 50,

@@ -1,0 +1,214 @@
+"""Tables and figures of a finished experiment grid.
+
+- ``results.csv``: one row per cell (pooled metrics, their floors, communication, timings);
+  ``per_client.csv``: one row per client of every personal-model cell.
+- ``results.md``: per metric and local-epoch value, mean ± std over repeats in the paper's
+  table shape (rows "K, split", one column per method, the centralised baseline beside them),
+  the ratio to the centralised baseline, per-client spreads, and the communication totals.
+- PNG plots: metric vs number of clients per method; cumulative communication per round per
+  method, in parameters and in bytes (the paper's figure 4); one sample grid per method
+  (figure 5).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from .evaluation import format_value, parse_metrics
+from .experiment import CENTRALISED, CellOutcome, GridSpec
+from .wire import atomic_write_bytes
+
+
+def _metric_names(outcomes: Sequence[CellOutcome]) -> list[str]:
+    names: list[str] = []
+    for o in outcomes:
+        evaluation = o.report.get("evaluation") or {}
+        if evaluation:
+            for name in parse_metrics(o.config.eval_metrics):
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def _value(report: dict, metric: str, key: str = "value") -> float | None:
+    entry = ((report.get("evaluation") or {}).get("metrics") or {}).get(metric) or {}
+    value = entry.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _client_values(report: dict, metric: str) -> list[float]:
+    per_client = (report.get("evaluation") or {}).get("per_client") or {}
+    values = []
+    for entry in per_client.values():
+        v = (entry.get("metrics") or {}).get(metric, {}).get("value")
+        if isinstance(v, int | float):
+            values.append(float(v))
+    return values
+
+
+def result_rows(outcomes: Sequence[CellOutcome]) -> tuple[list[dict], list[str]]:
+    metrics = _metric_names(outcomes)
+    rows = []
+    for o in outcomes:
+        c, r = o.cell, o.report
+        totals = r["ledger"]["totals"]
+        row = {"cell": c.id, "method": c.label, "clients": c.clients, "split": c.split,
+               "local_epochs": c.local_epochs, "rounds": c.rounds, "group_epochs": c.group_epochs,
+               "repeat": c.repeat, "seed": c.seed, "images": r["dataset"]["images"],
+               "eval_samples": (r.get("evaluation") or {}).get("samples")}
+        for m in metrics:
+            row[m] = _value(r, m)
+            row[f"{m}_real_vs_real"] = _value(r, m, "real_vs_real")
+            clients = _client_values(r, m)
+            row[f"{m}_best_client"] = min(clients) if clients else None
+            row[f"{m}_worst_client"] = max(clients) if clients else None
+        row.update({"total_params": totals["total_params"], "total_bytes": totals["total_bytes"],
+                    "seconds": round(float(r["seconds"]), 1)})
+        rows.append(row)
+    return rows, metrics
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue().encode()
+
+
+def per_client_rows(outcomes: Sequence[CellOutcome], metrics: list[str]) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        evaluation = o.report.get("evaluation") or {}
+        sizes = o.report["dataset"]["client_sizes"]
+        for client, entry in (evaluation.get("per_client") or {}).items():
+            row = {"cell": o.cell.id, "method": o.cell.label, "clients": o.cell.clients,
+                   "split": o.cell.split, "repeat": o.cell.repeat, "client": client,
+                   "train_images": sizes.get(client), "eval_samples": entry.get("samples")}
+            for m in metrics:
+                row[m] = (entry.get("metrics") or {}).get(m, {}).get("value")
+            rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(stats: tuple[float, float | None] | None) -> str:
+    """"mean ± std", the std with as many decimals as the mean; no spread: the mean alone."""
+    if stats is None:
+        return "n/a"
+    mean, std = stats
+    shown = format_value(mean)
+    if std is None or std == 0:
+        return shown
+    decimals = len(shown.split(".")[1]) if "." in shown and "e" not in shown else 2
+    return f"{shown} ± {std:.{decimals}f}"
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def markdown(spec: GridSpec, rows: list[dict], metrics: list[str]) -> str:
+    fed = [r for r in rows if r["method"] != CENTRALISED]
+    base = [r for r in rows if r["method"] == CENTRALISED]
+    methods = _ordered(m for s in spec.sweep for m in s.methods)
+    splits = _ordered(s for sw in spec.sweep for s in sw.splits)
+    epochs = _ordered(r["local_epochs"] for r in fed)
+    repeats = max((r["repeat"] for r in rows), default=0) + 1
+    lines = [f"# Experiment grid `{spec.name}`", ""]
+    if spec.description:
+        lines += [spec.description.strip(), ""]
+    sim = spec.simulation
+    lines += [f"{len(rows)} cells, {repeats} repeat(s) per cell (mean ± std over repeats; a "
+              "single run shows no spread). Preset "
+              f"`{sim.get('preset', 'tiny')}`, dataset `{sim.get('dataset', 'fashion-mnist')}`"
+              + (f" ({rows[0]['images']} training images)" if rows else "")
+              + f", R = {fed[0]['rounds'] if fed else '?'} rounds.", ""]
+    for metric in metrics:
+        for e in epochs:
+            group = [r for r in fed if r["local_epochs"] == e]
+            baseline = [r for r in base if r["group_epochs"] in (e, 0)]
+            floor = _mean_std([r[f"{metric}_real_vs_real"] for r in group + baseline])
+            samples = _ordered(r["eval_samples"] for r in group + baseline)
+            b_stats = _mean_std([r[metric] for r in baseline])
+            b_epochs = _ordered(r["local_epochs"] for r in baseline)
+            lines += [f"## {metric}, E = {e} (lower is better)", "",
+                      f"Samples per evaluated method: {', '.join(map(str, samples))}; "
+                      f"real-vs-real floor {_fmt(floor)}; centralised baseline: one client, "
+                      f"{', '.join(map(str, b_epochs))} epoch(s).", ""]
+            header = ["K, split", *methods] + (["centralised"] if baseline else [])
+            ratio_lines = []
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            keys = _ordered((r["clients"], r["split"]) for r in sorted(
+                group, key=lambda r: (splits.index(r["split"]), r["clients"])))
+            for k, split in keys:
+                cells = []
+                ratios = []
+                for m in methods:
+                    vals = [r[metric] for r in group
+                            if (r["method"], r["clients"], r["split"]) == (m, k, split)]
+                    stats = _mean_std(vals)
+                    cells.append(_fmt(stats) if vals else "")
+                    ratios.append("" if stats is None or not b_stats or not b_stats[0]
+                                  else f"{stats[0] / b_stats[0]:.2f}")
+                row_cells = [f"{k}, {split}", *cells] + ([_fmt(b_stats)] if baseline else [])
+                lines.append("| " + " | ".join(row_cells) + " |")
+                ratio_lines.append("| " + " | ".join([f"{k}, {split}", *ratios]) + " |")
+            if baseline and b_stats:
+                lines += ["", f"Ratio to the centralised baseline ({metric}, E = {e}; the paper "
+                          "compares ratios):", "",
+                          "| " + " | ".join(["K, split", *methods]) + " |",
+                          "|" + "---|" * (len(methods) + 1), *ratio_lines]
+            spread = [r for r in group if r[f"{metric}_worst_client"] is not None]
+            if spread:
+                lines += ["", f"Personal models, per client ({metric}; each client's own "
+                          "samples, see per_client.csv): best / worst client", "",
+                          "| cell | best | worst |", "|---|---|---|"]
+                for r in spread:
+                    lines.append(f"| {r['cell']} | {format_value(r[f'{metric}_best_client'])} "
+                                 f"| {format_value(r[f'{metric}_worst_client'])} |")
+            lines.append("")
+    lines += ["## Communication (whole run, all clients)", "",
+              "| method | K | parameters | MB |", "|---|---|---|---|"]
+    seen = set()
+    for r in fed:
+        key = (r["method"], r["clients"])
+        if key in seen or r["repeat"] != 0:
+            continue
+        seen.add(key)
+        lines.append(f"| {r['method']} | {r['clients']} | {r['total_params']:,} | "
+                     f"{r['total_bytes'] / 1e6:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(spec: GridSpec, outcomes: Sequence[CellOutcome], out: str | Path,
+                 plots: bool = True) -> list[Path]:
+    """Write results.csv, per_client.csv, results.md and (optionally) the plots."""
+    out = Path(out)
+    rows, metrics = result_rows(outcomes)
+    client_rows = per_client_rows(outcomes, metrics)
+    md = markdown(spec, rows, metrics)
+    written = []
+    for name, data in (("results.csv", _csv(rows)), ("per_client.csv", _csv(client_rows)),
+                       ("results.md", md.encode())):
+        atomic_write_bytes(out / name, data)
+        written.append(out / name)
+    if plots:
+        from .experiment_plots import write_plots  # local: matplotlib loads in ~1 s
+
+        written += write_plots(spec, outcomes, rows, metrics, out)
+    return written

@@ -1,0 +1,1 @@
+"""Experiment grids shipped with FedDiffuse (TOML files; see feddiffuse.shared.experiment)."""

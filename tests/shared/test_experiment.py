@@ -1,0 +1,164 @@
+"""Experiment grids: parsing, the shipped grids, a tiny grid end to end, and resuming."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from feddiffuse.shared import experiment as experiment_module
+from feddiffuse.shared.cli import app
+from feddiffuse.shared.errors import UserError
+from feddiffuse.shared.experiment import (
+    cell_config,
+    grid_cells,
+    load_grid,
+    parse_grid,
+    shipped_grids,
+)
+
+runner = CliRunner()
+
+TINY_GRID = """
+name = "tiny-test"
+description = "Two methods at K = 2 on a handful of images."
+seed = 3
+
+[simulation]
+preset = "tiny"
+dataset = "fashion-mnist"
+limit = 64
+rounds = 1
+batch_size = 32
+sample_count = 4
+sample_steps = 2
+eval_samples = 8
+eval_steps = 2
+eval_metrics = "fd_fmnist,kid"
+eval_personal = "split"
+
+[[sweep]]
+methods = ["full", "udec"]
+clients = [2]
+splits = ["iid"]
+local_epochs = [1]
+"""
+
+
+def test_shipped_grids_load_and_every_cell_is_valid(tmp_path):
+    assert {"cpu-small", "paper-fmnist"} <= set(shipped_grids())
+    for name in ("cpu-small", "paper-fmnist"):
+        spec, text, path = load_grid(name)
+        assert spec.name == name and path.suffix == ".toml" and text
+        cells = grid_cells(spec)
+        ids = [c.id for c in cells]
+        assert len(ids) == len(set(ids))
+        assert sum(c.centralised for c in cells) >= 1
+        for cell in cells:
+            cell_config(spec, cell, tmp_path)  # validates every setting
+
+
+def test_cpu_small_is_the_documented_grid():
+    spec, _, _ = load_grid("cpu-small")
+    cells = grid_cells(spec)
+    fed = [c for c in cells if not c.centralised]
+    assert {c.method for c in fed} == {"full", "usplit", "ulatdec", "udec"}
+    assert {c.clients for c in fed} == {2, 5}
+    assert {c.split for c in fed} == {"iid", "quantity-skew"}
+    assert spec.simulation["preset"] == "tiny" and spec.simulation["eval_steps"] == 50
+    assert spec.simulation["eval_samples"] >= 500
+    assert "fd_fmnist" in spec.simulation["eval_metrics"]
+
+
+def test_paper_grid_has_the_papers_rows():
+    spec, _, _ = load_grid("paper-fmnist")
+    rows = {(c.clients, c.split) for c in grid_cells(spec) if c.local_epochs == 5
+            and not c.centralised}
+    assert rows == {(2, "iid"), (5, "iid"), (10, "iid"), (5, "label-skew"),
+                    (5, "quantity-skew")}
+    assert spec.simulation["rounds"] == 15 and spec.centralised_epochs == 15
+
+
+def test_repeats_get_their_own_seed_and_baselines():
+    spec = parse_grid(TINY_GRID.replace('seed = 3', 'seed = 3\nrepeats = 2'))
+    cells = grid_cells(spec)
+    assert [c.id for c in cells] == [
+        "centralised-e1-r0", "full-k2-iid-e1-r0", "udec-k2-iid-e1-r0",
+        "centralised-e1-r1", "full-k2-iid-e1-r1", "udec-k2-iid-e1-r1"]
+    assert [c.seed for c in cells] == [3, 3, 3, 4, 4, 4]
+    base = cells[0]
+    assert (base.clients, base.rounds, base.local_epochs) == (1, 1, 1)  # R x E epochs
+    three = grid_cells(parse_grid(TINY_GRID.replace("rounds = 1", "rounds = 3")))
+    assert (three[0].rounds, three[0].local_epochs, three[1].rounds) == (1, 3, 3)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("[simulation]", "[simulation]\nmethod = 'full'"), "may not set 'method'"),
+    (("[simulation]", "[simulation]\nwarp = 9"), "unknown setting 'warp'"),
+    (('name = "tiny-test"', 'name = "t"\ncolour = 1'), "colour"),
+    (('methods = ["full", "udec"]', "methods = []"), "sweep.0.methods"),
+    (("[[sweep]]", "[[sweep"), "not valid TOML"),
+])
+def test_grid_mistakes_are_one_clear_sentence(edit, message):
+    with pytest.raises(UserError, match=message):
+        parse_grid(TINY_GRID.replace(*edit), "g.toml")
+
+
+def test_unknown_grid_names_the_shipped_ones(tmp_path):
+    res = runner.invoke(app, ["experiment", "no-such-grid", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "cpu-small" in res.output and "paper-fmnist" in res.output
+
+
+@pytest.mark.requires_fmnist
+def test_tiny_grid_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    grid = tmp_path / "tiny.toml"
+    grid.write_text(TINY_GRID)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["experiment", str(grid), "--out", str(out), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    assert "3 cell(s) to run, 2 at a time with 1 thread(s) each" in res.output
+    assert "3 cell(s) run, 0 finished earlier" in res.output
+    for name in ("results.csv", "per_client.csv", "results.md", "grid.toml",
+                 "fd_fmnist-vs-clients.png", "kid_fmnist-vs-clients.png",
+                 "communication-k2.png", "samples-per-method.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["cell"] for r in rows] == ["centralised-e1-r0", "full-k2-iid-e1-r0",
+                                         "udec-k2-iid-e1-r0"]
+    assert all(float(r["fd_fmnist"]) > 0 and float(r["fd_fmnist_real_vs_real"]) > 0
+               for r in rows)
+    assert rows[2]["fd_fmnist_worst_client"] != "" and rows[1]["fd_fmnist_worst_client"] == ""
+    assert int(rows[2]["total_params"]) < int(rows[1]["total_params"])  # udec sends less
+    md = (out / "results.md").read_text()
+    assert "| K, split | full | udec | centralised |" in md
+    assert "| 2, iid | " in md and "Ratio to the centralised baseline" in md
+    clients = list(csv.DictReader((out / "per_client.csv").open()))
+    assert {r["client"] for r in clients} == {"client-00", "client-01"}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/report.json")}
+    assert len(stamps) == 3
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("a finished cell was run again")
+
+    real_run = experiment_module.run_simulation
+    monkeypatch.setattr(experiment_module, "run_simulation", must_not_run)
+    again = runner.invoke(app, ["experiment", str(grid), "--out", str(out), "--no-plots"])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished earlier, skipped") == 3
+    assert "0 cell(s) run, 3 finished earlier" in again.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("cells/*/report.json")}
+
+    # An unfinished cell (no report.json) runs again; the finished ones still do not.
+    (out / "cells" / "udec-k2-iid-e1-r0" / "report.json").unlink()
+    monkeypatch.setattr(experiment_module, "run_simulation", real_run)
+    third = runner.invoke(app, ["experiment", str(grid), "--out", str(out), "--no-plots"])
+    assert third.exit_code == 0, third.output
+    assert "1 cell(s) run, 2 finished earlier" in third.output
+    report = json.loads((out / "cells" / "udec-k2-iid-e1-r0" / "report.json").read_text())
+    assert report["evaluation"]["samples"] == 8
+
+    # Changed settings never mix with finished cells.
+    grid.write_text(TINY_GRID.replace("limit = 64", "limit = 48"))
+    clash = runner.invoke(app, ["experiment", str(grid), "--out", str(out)])
+    assert clash.exit_code == 2 and "was run with other settings" in clash.output
