@@ -183,28 +183,15 @@ def decode_tensors(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]] |
     With `expected_shapes`, the names must be exactly those keys and the shapes must match.
     Raises WireFormatError on anything else.
     """
-    header, _ = read_header(data)
+    header, data_start = read_header(data)
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise WireFormatError("safetensors metadata must map strings to strings")
     if expected_shapes is not None:
-        names = set(header) - {"__metadata__"}
-        missing = set(expected_shapes) - names
-        extra = names - set(expected_shapes)
-        if missing or extra:
-            raise WireFormatError(
-                f"tensor names do not match: {len(missing)} missing, {len(extra)} unexpected"
-            )
-        for name, shape in expected_shapes.items():
-            info = header[name]
-            if not isinstance(info, dict) or info.get("dtype") != "F32":
-                raise WireFormatError(f"tensor {name!r} must be F32")
-            got = info.get("shape")
-            if not isinstance(got, list) or tuple(got) != tuple(shape):
-                raise WireFormatError(f"tensor {name!r} has shape {info.get('shape')}, "
-                                      f"expected {list(shape)}")
+        if check_layout(header, expected_shapes) != len(data) - data_start:
+            raise WireFormatError("the tensor data does not fill the file exactly")
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
