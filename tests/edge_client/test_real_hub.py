@@ -176,7 +176,11 @@ def test_killed_during_training_resumes_from_the_last_epoch(how, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         first, _ = proc.communicate(timeout=180)
         assert proc.returncode != 0, first
-        assert "epoch 1/3" in first and "uploaded" not in first
+        assert "uploaded" not in first
+        if how == "crash-hook":  # the hook exits after the epoch's log line
+            assert "epoch 1/3" in first
+        # With SIGKILL the kill races the log line; the checkpoint on disk is what counts.
+        assert list(home.rglob("epoch-00*.safetensors")), first
         assert not hub.received()
         again = subprocess.run(join_cmd(hub, "alice", images, "--once"), env=quiet_env(home),
                                capture_output=True, text=True, timeout=240)
