@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..comm import replay_ledger
 from ..methods import METHODS
-from ._errors import user_errors
 from .info import PRESET_HELP
 
 

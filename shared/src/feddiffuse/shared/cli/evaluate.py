@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..errors import UserError
 from ..evaluation import DEFAULT_METRICS, Evaluator, evaluate_models
 from ..training import DEVICE_CHOICES, select_device
 from ..wire import load_model, read_metadata_value
-from ._errors import user_errors
 from .partition import DATASET_HELP
 
 METRICS_HELP = ("Comma-separated: fid (Inception), fd_fmnist (Fashion-MNIST classifier "

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..errors import UserError
 from ..experiment import cell_config, finished_report, grid_cells, load_grid, run_grid
 from ..experiment_report import write_report
-from ._errors import user_errors
 
 
 def experiment(

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..model import PRESETS, build_unet, count_parameters, get_preset
-from ._errors import user_errors
 
 PRESET_HELP = f"UNet preset: {', '.join(PRESETS)}."
 

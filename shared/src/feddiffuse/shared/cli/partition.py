@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..data import (
     class_names,
     client_class_table,
@@ -16,7 +17,6 @@ from ..data import (
 )
 from ..model import get_preset
 from ..partition_export import export_partition
-from ._errors import user_errors
 from .info import PRESET_HELP
 
 DATASET_HELP = "fashion-mnist, celeba, or the path of a folder of images."

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import user_errors
 from ..evaluation import DEFAULT_METRICS
 from ..methods import METHODS
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
-from ._errors import user_errors
 from .evaluate import INCEPTION_HELP, METRICS_HELP
 from .info import PRESET_HELP
 from .partition import DATASET_HELP

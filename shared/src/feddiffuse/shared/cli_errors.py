@@ -1,4 +1,7 @@
-"""User-facing error handling shared by every command."""
+"""User-facing error handling shared by every command line (feddiffuse, feddiffuse-hub).
+
+A module of its own, outside `feddiffuse.shared.cli`, so that importing it stays cheap.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from contextlib import contextmanager
 
 import typer
 
-from ..errors import UserError
+from .errors import UserError
 
 EXIT_USER_ERROR = 2
 
