@@ -27,7 +27,7 @@ from .methods import check_method, has_personal_models, personal_segments
 from .model import build_unet, count_parameters, get_preset, segment_map
 from .rounds import RoundState
 from .training import TrainConfig, select_device, train_local
-from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, sha256_hex
+from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, write_tensors
 
 Log = Callable[[str], None]
 
@@ -87,6 +87,13 @@ class SimulationConfig:
             if self.eval_personal not in PERSONAL_MODES:
                 raise UserError(f"Unknown --eval-personal {self.eval_personal!r}; choose one "
                                 f"of: {', '.join(PERSONAL_MODES)}.")
+
+
+class _Discard:
+    """A byte sink that keeps nothing (for hashing a file without writing it)."""
+
+    def write(self, data: bytes | memoryview) -> int:
+        return len(data)
 
 
 def client_ids(k: int) -> list[str]:
@@ -152,9 +159,9 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
     for r in range(1, config.rounds + 1):
         round_started = time.perf_counter()
         state = RoundState.open(config.method, r, ids, global_state, seg_of, seed=config.seed)
-        version = sha256_hex(encode_tensors(global_state, {"kind": "global",
-                                                           "preset": preset.name,
-                                                           "round": r}))
+        # Hashed while streamed, without building the file in memory just to hash it.
+        version, _ = write_tensors(_Discard(), global_state,
+                                   {"kind": "global", "preset": preset.name, "round": r})
         payloads: dict[tuple[str, ...], bytes] = {}
         client_rows = []
         for i, cid in enumerate(ids):
