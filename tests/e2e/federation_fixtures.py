@@ -33,6 +33,8 @@ from feddiffuse.shared.wire import encode_tensors, read_header
 
 BIN = Path(sys.executable).parent
 FAST = ["--backoff-initial", "0.1", "--backoff-max", "0.5", "--poll", "0.2"]
+# The client's test hook: SIGSTOP itself once, right after the checkpoint of this epoch.
+PAUSE_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_PAUSE_AFTER_EPOCH"
 TOKEN_LINE = re.compile(r"^fdh_\S+$", re.MULTILINE)
 
 
@@ -185,6 +187,42 @@ class Federation:
             if code not in (None, 0) and getattr(proc, "expected_exit", None) is None:
                 raise AssertionError(f"{name} exited with {code}:\n"
                                      f"{self.client_log(name).read_text()[-3000:]}")
+
+    def log_size(self, client: str) -> int:
+        log = self.client_log(client)
+        return log.stat().st_size if log.exists() else 0
+
+    def wait_for_log(self, client: str, pattern: str, start: int = 0,
+                     timeout: float = 300.0) -> None:
+        """Wait until `client`'s log, from byte `start`, has a line matching `pattern`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_clients()
+            log = self.client_log(client)
+            text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
+            if re.search(pattern, text, re.MULTILINE):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {pattern!r} in {client}'s log:\n"
+                                     f"{self.logs()}")
+            time.sleep(0.1)
+
+    def wait_paused(self, client: str, timeout: float = 300.0) -> None:
+        """Wait until a client started with the pause hook (PAUSE_AFTER_EPOCH_ENV) has
+        stopped itself (SIGSTOP) after its epoch. Fails if it exits instead."""
+        proc = self.procs[client]
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
+            if pid == proc.pid:
+                if os.WIFSTOPPED(status):
+                    return
+                proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here
+                raise AssertionError(f"{client} exited ({proc.returncode}) before pausing:\n"
+                                     f"{self.client_log(client).read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{client} never paused:\n{self.logs()}")
+            time.sleep(0.05)
 
     def wait_clients(self, timeout: float = 120.0) -> None:
         for name, proc in self.procs.items():

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # federation_fixtures, beside th
 
 from federation_fixtures import (  # noqa: E402
     BIN,
+    PAUSE_AFTER_EPOCH_ENV,
     Federation,
     child_env,
     expected_transfers,
@@ -140,8 +140,10 @@ def test_hub_killed_mid_round_finishes_with_the_same_model(tmp_path, data, undis
     accepted = {(u.round, u.client): u.sha256 for u in fed.uploads()}
     assert list(accepted) == [(1, "client-00")]
     fed.start_client("client-01")  # it finds the hub gone and keeps trying (--wait)
+    before = {c: fed.log_size(c) for c in fed.clients}
     fed.kill_hub()
-    time.sleep(1.0)  # the clients find the hub gone and back off
+    for c in fed.clients:  # each finds the hub gone and backs off before it comes back
+        fed.wait_for_log(c, r"^\S+ retry: ", start=before[c])
     fed.start_hub()
     status = fed.wait_for(lambda s: s.federation.finished, what="the federation to finish")
     fed.wait_clients()
@@ -159,24 +161,15 @@ def test_hub_killed_mid_round_finishes_with_the_same_model(tmp_path, data, undis
         h.global_version for h in undisturbed.final_status.history]
 
 
-def wait_for_file(root: Path, pattern: str, proc: subprocess.Popen, timeout=180.0) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(root.rglob(pattern)) if root.exists() else []
-        if found:
-            return found[0]
-        assert proc.poll() is None, f"the client exited early ({proc.returncode})"
-        time.sleep(0.02)
-    raise AssertionError(f"no {pattern} appeared under {root}")
-
-
 def test_client_killed_during_training_resumes_and_the_round_completes(tmp_path, data,
                                                                       federations):
     fed = federations(tmp_path / "fed", data, method="full", rounds=1, local_epochs=2)
     fed.start_hub()
-    victim = fed.start_client("client-00", "--once")
+    # The victim stops itself after epoch 1 (the pause hook) and is killed while stopped:
+    # surely mid-round, never after its upload.
+    victim = fed.start_client("client-00", "--once", env={PAUSE_AFTER_EPOCH_ENV: "1"})
     fed.start_client("client-01", "--once")
-    wait_for_file(fed.home("client-00"), "epoch-001.safetensors", victim)
+    fed.wait_paused("client-00")
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(15)
     victim.expected_exit = True
@@ -198,13 +191,16 @@ def test_a_client_that_never_comes_back_is_left_out_at_the_deadline(tmp_path, da
     fed = federations(tmp_path / "fed", data, method="full", clients=clients, rounds=1,
                       min_clients=2, round_timeout=20)
     fed.start_hub()
-    for c in clients:
-        fed.start_client(c)
-    lost = fed.procs["client-02"]
-    wait_for_file(fed.home("client-02") / "client", "round.json", lost)
+    # client-02 stops itself after its epoch (the pause hook), before it could upload, and is
+    # killed there, before the others start: however slow any of them is, the round holds
+    # two reports at most and must wait for its deadline to close without client-02.
+    lost = fed.start_client("client-02", env={PAUSE_AFTER_EPOCH_ENV: "1"})
+    fed.wait_paused("client-02")
     os.killpg(lost.pid, signal.SIGKILL)  # gone for good
     lost.wait(15)
     lost.expected_exit = True
+    for c in clients[:2]:
+        fed.start_client(c)
     status = fed.wait_for(lambda s: s.federation.finished, what="the round to close")
     fed.procs.pop("client-02")
     fed.wait_clients()

@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("pytest_textual_snapshot")
 
-from textual.widgets import Input  # noqa: E402
+from edge_sync import on_screen, wait_until  # noqa: E402
+from textual.widgets import Input, RichLog  # noqa: E402
 
 from feddiffuse.edge_client import events as ev  # noqa: E402
 from feddiffuse.edge_client.inputs import FolderScan  # noqa: E402
@@ -64,17 +65,23 @@ def test_setup_screen(snap_compare):
 
 
 def test_setup_screen_with_a_bad_url(snap_compare):
+    shown: list[str] = []
+
     async def fill(pilot):
         screen = pilot.app.screen
         screen.query_one("#hub-url", Input).value = "hub.example.org"
         screen.query_one("#token", Input).value = "secret"
         await pilot.click("#join")
-        for _ in range(100):
-            if screen.query_one("#setup-error").has_class("-bad"):
-                break
-            await pilot.pause(0.05)
+        error = screen.query_one("#setup-error")
+        # The check runs in a worker: wait for its sentence, however long that takes; a
+        # picture taken before it shows would only compare "Checking the hub...".
+        await wait_until(pilot, lambda: error.has_class("-bad"), what="the URL error")
+        shown.append(str(error.render()))
 
-    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE, run_before=fill)
+    matches = snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE,
+                           run_before=fill)
+    assert shown and "is not a valid hub URL" in shown[0], "the error was never displayed"
+    assert matches
 
 
 def test_dashboard(snap_compare, monkeypatch):
@@ -82,7 +89,7 @@ def test_dashboard(snap_compare, monkeypatch):
 
     async def feed(pilot):
         pilot.app.open_dashboard(joined())
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: on_screen(pilot.app, Dashboard), what="the dashboard")
         screen = pilot.app.screen
         for event in (
             ev.DeviceEvent("cpu", "CPU, as asked"),
@@ -94,7 +101,10 @@ def test_dashboard(snap_compare, monkeypatch):
             ev.RetryEvent("fetching the round manifest", 1, 1.4, "connection refused"),
         ):
             screen.post_message(Dashboard.Update(event))
-        await pilot.pause(0.2)
+        # Handled in order: once the last event's line is in the log, all of them are shown.
+        log = screen.query_one("#events", RichLog)
+        await wait_until(pilot, lambda: any("connection refused" in line.text
+                                            for line in log.lines), what="the last event")
 
     app = still(ClientApp(devices=DEVICES, autostart=False))
     assert snap_compare(app, terminal_size=SIZE, run_before=feed)
@@ -107,12 +117,14 @@ def test_samples_screen_with_a_grid(snap_compare):
 
     async def show(pilot):
         pilot.app.push_screen(SamplesScreen(joined()))
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: on_screen(pilot.app, SamplesScreen),
+                         what="the samples screen")
         result = SampleResult(Path("/data/samples/grid.png"), images,
                               "4 samples from the global model abababababab, DDIM 50 steps")
         pilot.app.screen.post_message(SamplesScreen.Done(
             result, f"{result.description}. Saved to {result.path}"))
         pilot.app.screen.set_focus(None)  # no blinking cursor in the picture
-        await pilot.pause(0.2)
+        screen = pilot.app.screen
+        await wait_until(pilot, lambda: screen.result is result, what="the grid")
 
     assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE, run_before=show)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from edge_fakehub import FakeHub
 from edge_images import make_images
 from edge_realhub import RealHub, free_port
+from edge_sync import TrainingGate, on_screen, wait_until
 from textual.widgets import Input, RichLog, Static
 
 from feddiffuse.edge_client import events as ev
@@ -28,14 +28,6 @@ DEVICES = [("Auto: CPU (no CUDA GPU or Apple MPS found)", "auto"), ("CPU", "cpu"
 SIZE = (100, 40)
 
 
-async def wait_until(pilot, condition, timeout: float = 120.0, what: str = "the app"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.05)
-
-
 def fill_setup(app: ClientApp, url: str, token: str, data: Path | str) -> None:
     screen = app.screen
     assert isinstance(screen, SetupScreen)
@@ -53,11 +45,12 @@ def log_text(dashboard: Dashboard) -> str:
 
 
 @pytest.mark.slow
-async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path):
-    # Long enough to cancel mid-way: Pilot's clicks wait up to a second for the process to go
-    # idle, which it does not while it trains.
+async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path, monkeypatch):
+    # Training holds right after the checkpoint of epoch 1 until Cancel has been pressed, so
+    # the cancel lands mid-round however fast or slow the machine is.
+    gate = TrainingGate(monkeypatch, hold_after_epoch=1)
     hub = RealHub(tmp_path / "hub", method="ulatdec", clients=("alice",), rounds=1,
-                  local_epochs=10).start_in_thread()
+                  local_epochs=2).start_in_thread()
     images = make_images(tmp_path / "images", n=32)
     try:
         app = ClientApp(devices=DEVICES, backoff=Backoff(initial=0.05, maximum=0.3),
@@ -67,13 +60,14 @@ async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path):
             await wait_until(pilot, lambda: "32 usable images" in text_of(
                 app.screen.query_one("#folder-info", Static)), what="the folder scan")
             await pilot.click("#join")
-            await wait_until(pilot, lambda: isinstance(app.screen, Dashboard),
+            await wait_until(pilot, lambda: on_screen(app, Dashboard),
                              what="the dashboard")
             dash = app.screen
             assert Settings.load().hub_url == hub.url  # settings persist for the next run
 
             # Progress arrives from the worker thread while the UI stays responsive.
             train = dash.query_one("#train", TaskProgress)
+            await wait_until(pilot, lambda: gate.held(0), what="the end of epoch 1")
             await wait_until(pilot, lambda: (train.bar.progress or 0) > 0,
                              what="training progress")
             assert dash.query_one("#download", TaskProgress).bar.percentage == 1.0
@@ -81,20 +75,26 @@ async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path):
             assert "ulatdec" in text_of(dash.query_one("#federation", Static))
 
             await pilot.click("#cancel")
+            await wait_until(pilot, dash.stop_event.is_set, what="the Cancel click")
+            assert dash.running  # still training (held), so the cancel is what stops it
+            gate.release(0)
             await wait_until(pilot, lambda: not dash.running, what="the cancel")
-            assert "training stopped" in text_of(dash.query_one("#phase", Static)), log_text(
-                dash)
+            assert gate.runs[0].steps_after_release == 0  # stopped at the next step
+            assert "training stopped; 1 of 2 epoch(s)" in text_of(
+                dash.query_one("#phase", Static)), log_text(dash)
             assert not hub.received()
 
             await pilot.click("#start")  # resume from the last checkpoint and finish
             await wait_until(pilot, lambda: "Done: round(s) 1" in text_of(
-                dash.query_one("#phase", Static)), timeout=240, what="the round")
+                dash.query_one("#phase", Static)), what="the round")
+            assert "resuming from the checkpoint of epoch 1/2" in log_text(dash)
+            assert len(gate.runs) == 2 and not gate.runs[1].result.stopped
             assert "bottleneck, decoder" in text_of(dash.query_one("#segments", Static))
             assert len(dash.losses) >= 2
             assert [r.client for r in hub.received()] == ["alice"]
 
             await pilot.press("s")
-            await wait_until(pilot, lambda: isinstance(app.screen, SamplesScreen))
+            await wait_until(pilot, lambda: on_screen(app, SamplesScreen))
             samples = app.screen
             samples.query_one("#count", Input).value = "4"
             samples.query_one("#steps", Input).value = "2"
@@ -105,27 +105,37 @@ async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path):
             assert str(path) in text_of(samples.query_one("#sample-status", Static))
             assert samples.query_one("#grid", ImageView).image is not None
             await pilot.press("escape")
-            await wait_until(pilot, lambda: isinstance(app.screen, Dashboard))
+            await wait_until(pilot, lambda: on_screen(app, Dashboard))
     finally:
+        gate.close()
         hub.stop()
 
 
-async def test_cancel_stops_training_at_the_next_step(tmp_path):
-    hub = FakeHub(method="full", clients=("client-a",), rounds=1, local_epochs=50)
+async def test_cancel_stops_training_at_the_next_step(tmp_path, monkeypatch):
+    # 16 images in batches of 8: two steps per epoch. Training holds after its first step
+    # until "c" has been pressed; the stop must come before a second step is taken.
+    gate = TrainingGate(monkeypatch, hold_after_step=1)
+    hub = FakeHub(method="full", clients=("client-a",), rounds=1, local_epochs=2)
     images = make_images(tmp_path / "images", n=16)
     app = ClientApp(http_factory=hub.http_factory(), devices=DEVICES, once=True)
-    async with app.run_test(size=SIZE) as pilot:
-        fill_setup(app, "http://hub.test", "token-client-a", images)
-        await pilot.click("#join")
-        await wait_until(pilot, lambda: isinstance(app.screen, Dashboard))
-        dash = app.screen
-        await wait_until(pilot, lambda: len(dash.losses) >= 1, what="a training step")
-        await pilot.press("c")
-        started = time.monotonic()
-        await wait_until(pilot, lambda: not dash.running, timeout=30, what="the cancel")
-        assert time.monotonic() - started < 10
-        assert "Stopped: training stopped" in log_text(dash)
-        assert not hub.uploads
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            fill_setup(app, "http://hub.test", "token-client-a", images)
+            await pilot.click("#join")
+            await wait_until(pilot, lambda: on_screen(app, Dashboard))
+            dash = app.screen
+            await wait_until(pilot, lambda: gate.held(0), what="the first training step")
+            await wait_until(pilot, lambda: len(dash.losses) >= 1, what="its loss")
+            await pilot.press("c")
+            await wait_until(pilot, dash.stop_event.is_set, what="the cancel key")
+            gate.release(0)
+            await wait_until(pilot, lambda: not dash.running, what="the cancel")
+            run = gate.runs[0]
+            assert run.result.stopped and run.steps == 1 and run.steps_after_release == 0
+            assert "Stopped: training stopped; 0 of 2 epoch(s)" in log_text(dash)
+            assert not hub.uploads
+    finally:
+        gate.close()
 
 
 @pytest.mark.parametrize("url, token, data, expected", [
@@ -163,7 +173,7 @@ async def test_folder_browser_shows_counts_and_fills_the_folder(tmp_path, monkey
     async with app.run_test(size=SIZE) as pilot:
         app.screen.query_one("#data-dir", Input).value = str(tmp_path / "photos")
         await pilot.click("#browse")
-        await wait_until(pilot, lambda: isinstance(app.screen, FolderPicker))
+        await wait_until(pilot, lambda: on_screen(app, FolderPicker))
         picker = app.screen
         scan = picker.query_one("#picker-scan", Static)
         await wait_until(pilot, lambda: "5 usable images" in text_of(scan),
@@ -172,7 +182,7 @@ async def test_folder_browser_shows_counts_and_fills_the_folder(tmp_path, monkey
         await wait_until(pilot, lambda: picker.highlighted.name == "cats")
         await wait_until(pilot, lambda: "cats: 5 usable images" in text_of(scan))
         await pilot.click("#choose")
-        await wait_until(pilot, lambda: isinstance(app.screen, SetupScreen))
+        await wait_until(pilot, lambda: on_screen(app, SetupScreen))
         assert app.screen.query_one("#data-dir", Input).value == str(tmp_path / "photos" /
                                                                       "cats")
 
@@ -189,41 +199,61 @@ async def test_dashboard_shows_events_posted_by_the_worker(tmp_path):
     app = ClientApp(devices=DEVICES, autostart=False)
     async with app.run_test(size=SIZE) as pilot:
         app.open_dashboard(joined)
-        await wait_until(pilot, lambda: isinstance(app.screen, Dashboard))
+        await wait_until(pilot, lambda: on_screen(app, Dashboard))
         dash = app.screen
         for event in (ev.ProgressEvent("download", 50, 100), ev.LossEvent(1, 1, 0.5),
                       ev.LossEvent(1, 2, 0.4), ev.LogEvent("hello", "warning"),
                       ev.RetryEvent("uploading", 1, 2.0, "connection refused")):
             dash.post_message(Dashboard.Update(event))
-        await pilot.pause(0.2)
+        # Messages are handled in order: once the last one shows, all of them have been.
+        await wait_until(pilot, lambda: "connection refused" in log_text(dash),
+                         what="the last event")
         assert dash.query_one("#download", TaskProgress).bar.percentage == 0.5
         assert dash.losses == [0.5, 0.4]
         text = log_text(dash)
         assert "! hello" in text and "connection refused" in text
 
 
-async def test_settings_persist_and_the_hub_can_be_rejoined(tmp_path):
-    hub = FakeHub(method="full", clients=("client-a",), rounds=1, local_epochs=50)
+async def test_settings_persist_and_the_hub_can_be_rejoined(tmp_path, monkeypatch):
+    # 8 images in one batch: one step per epoch. Every run holds after its first step (the
+    # first run in epoch 1, the resumed one in epoch 2 of 3), so the first loop is surely
+    # still running, holding the hub's lock, when the same hub is joined again, and the
+    # second one cannot finish before it is cancelled.
+    gate = TrainingGate(monkeypatch, hold_after_step=1)
+    hub = FakeHub(method="full", clients=("client-a",), rounds=1, local_epochs=3)
     images = make_images(tmp_path / "images", n=8)
     app = ClientApp(http_factory=hub.http_factory(), devices=DEVICES)
-    async with app.run_test(size=SIZE) as pilot:
-        fill_setup(app, "http://hub.test", "token-client-a", images)
-        app.screen.query_one("#device").value = "cpu"
-        await pilot.click("#join")
-        await wait_until(pilot, lambda: isinstance(app.screen, Dashboard))
-        await wait_until(pilot, lambda: len(app.screen.losses) >= 1, what="training")
-        app.screen.action_setup()  # back to setup: the loop stops at its next step
-        await wait_until(pilot, lambda: isinstance(app.screen, SetupScreen)
-                         and bool(app.screen.query("#join")))
-        await pilot.pause()
-        await pilot.click("#join")  # the same hub again, while the old loop winds down
-        await wait_until(pilot, lambda: isinstance(app.screen, Dashboard))
-        dash = app.screen
-        await wait_until(pilot, lambda: "resuming from the checkpoint" in log_text(dash)
-                         or len(dash.losses) >= 1, what="the second run")
-        assert "already working" not in log_text(dash)
-        dash.action_cancel()
-        await wait_until(pilot, lambda: not dash.running)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            fill_setup(app, "http://hub.test", "token-client-a", images)
+            app.screen.query_one("#device").value = "cpu"
+            await pilot.click("#join")
+            await wait_until(pilot, lambda: on_screen(app, Dashboard))
+            first = app.screen
+            await wait_until(pilot, lambda: gate.held(0), what="training")
+            first.action_setup()  # back to setup: the loop stops at its next step
+            assert first.stop_event.is_set()
+            await wait_until(pilot, lambda: on_screen(app, SetupScreen)
+                             and bool(app.screen.query("#join")))
+            await pilot.pause()
+            await pilot.click("#join")  # the same hub again, while the old loop still runs
+            await wait_until(pilot, lambda: on_screen(app, Dashboard))
+            dash = app.screen
+            assert not gate.runs[0].done.is_set()  # the old loop is still in its step
+            gate.release(0)  # now it winds down while the new dashboard waits for the lock
+            await wait_until(pilot, lambda: gate.held(1), what="the second run")
+            assert gate.runs[0].result.stopped and gate.runs[0].steps_after_release == 0
+            await wait_until(pilot, lambda: "resuming from the checkpoint of epoch 1/3"
+                             in log_text(dash), what="the resume line")
+            dash.action_cancel()
+            gate.release(1)
+            await wait_until(pilot, lambda: not dash.running)
+            text = log_text(dash)
+            assert "Stopped: training stopped; 2 of 3 epoch(s)" in text, text
+            assert "already working" not in text
+            assert not hub.uploads
+    finally:
+        gate.close()
     second = ClientApp(devices=DEVICES)
     async with second.run_test(size=SIZE):
         screen = second.screen

@@ -130,7 +130,9 @@ def test_tls(tmp_path, kit):
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:
-            while not server.started:
+            deadline = time.monotonic() + 60
+            while not server.started:  # a server that cannot start fails, never hangs
+                assert thread.is_alive() and time.monotonic() < deadline, "no TLS server"
                 time.sleep(0.02)
             url = f"https://127.0.0.1:{sock.getsockname()[1]}"
             context = ssl.create_default_context(cafile=str(cert))
