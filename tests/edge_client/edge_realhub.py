@@ -53,7 +53,8 @@ class Received:
 class RealHub:
     def __init__(self, root: Path, *, method: str, clients: tuple[str, ...] = ("alice", "bob"),
                  rounds: int = 2, local_epochs: int = 1, batch_size: int = 8,
-                 min_clients: int | None = None, round_timeout: float | None = None) -> None:
+                 min_clients: int | None = None, round_timeout: float | None = None,
+                 recipe: str | dict = "fast") -> None:
         from feddiffuse.hub import FederationSettings, Hub, init_hub
 
         self.root = root
@@ -61,7 +62,8 @@ class RealHub:
         settings = FederationSettings(
             name="edge-test", preset="tiny", method=method, rounds=rounds,
             local_epochs=local_epochs, min_clients=min_clients or len(clients),
-            round_timeout_s=round_timeout, seed=0, batch_size=batch_size, lr=1e-3)
+            round_timeout_s=round_timeout, seed=0, batch_size=batch_size, lr=1e-3,
+            recipe=recipe)
         self.admin, _version = init_hub(root, settings)
         with Hub.open(root) as hub:
             self.tokens = {c: hub.create_token(c) for c in clients}

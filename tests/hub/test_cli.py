@@ -78,11 +78,23 @@ def test_status_and_export_after_a_round(tmp_path, kit):
     assert report.current.round == 2 and report.history[0].bytes_in > 0
     assert report.history[0].bytes_out > 0 and report.history[0].mean_loss == 0.25
     out = tmp_path / "global.safetensors"
-    res = run("export", setup.root, out)
+    res = run("export", setup.root, out, "--model", "global")
     assert res.exit_code == 0, res.output
     assert sha256_hex(out.read_bytes()) == report.current.global_version
     model, meta = load_model(out)
     assert meta["feddiffuse.preset"] == "tiny" and meta["feddiffuse.round"] == "2"
+    # By default the model to sample from: the default recipe's EMA of the global model,
+    # which after one round is the first aggregate itself (the EMA starts there).
+    ema_out = tmp_path / "sample.safetensors"
+    res = run("export", setup.root, ema_out)
+    assert res.exit_code == 0 and "EMA of the global model" in res.output, res.output
+    with Hub.open(setup.root) as hub:
+        assert sha256_hex(ema_out.read_bytes()) == hub.store.federation().sample_version
+    ema, meta = load_model(ema_out)
+    assert meta["feddiffuse.kind"] == "global-ema"
+    for a, b in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        assert a.equal(b)
+    assert run("export", setup.root, ema_out, "--model", "nope").exit_code == 2
 
 
 @pytest.mark.parametrize("args", [

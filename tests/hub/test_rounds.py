@@ -214,3 +214,39 @@ def test_a_failed_aggregation_keeps_serving_and_is_retried(tmp_path, kit, caplog
         blob.write_bytes(good)
         r = http.post(f"{A}/admin/rounds/current/close", headers=setup.auth("admin"))
         assert r.status_code == 200 and HubStatus.model_validate_json(r.content).federation.finished
+
+
+def test_a_long_polled_manifest_answers_when_the_next_round_opens(tmp_path, kit):
+    import threading
+
+    from .conftest import bearer
+
+    setup = kit.make_hub(tmp_path / "hub", method="full", rounds=2)
+    with Hub.open(setup.root, serve=True) as hub:
+        http = kit.test_client(hub)
+        kit.participate(http, "alice", setup.tokens["alice"])
+        # Nothing changes: a short long poll answers "reported" when its time is up.
+        r = http.get(f"{A}/manifest", params={"wait": "0.05"},
+                     headers=bearer(setup.tokens["alice"]))
+        assert r.status_code == 200 and Manifest.model_validate_json(r.content).phase \
+            == "reported"
+        assert http.get(f"{A}/manifest", params={"wait": "31"},
+                        headers=bearer(setup.tokens["alice"])).status_code == 400
+        answers = []
+
+        def poll():
+            answers.append(http.get(f"{A}/manifest", params={"wait": "30"},
+                                    headers=bearer(setup.tokens["alice"])))
+
+        waiter = threading.Thread(target=poll)
+        waiter.start()
+        while not hub._listeners and waiter.is_alive():  # the request is now held
+            threading.Event().wait(0.01)
+        assert waiter.is_alive(), answers
+        for c in ("bob", "carol"):  # the round closes and round 2 opens
+            kit.participate(http, c, setup.tokens[c])
+        waiter.join(20)  # woken by the new round, well before its 30 s
+        assert not waiter.is_alive()
+        m = Manifest.model_validate_json(answers[0].content)
+        assert m.phase == "open" and m.round == 2
+        assert not hub._listeners

@@ -184,8 +184,11 @@ class HubClient:
     def federation(self) -> FederationInfo:
         return self._parse(FederationInfo, self._request("GET", "/federation"))
 
-    def manifest(self) -> Manifest:
-        return self._parse(Manifest, self._request("GET", "/manifest"))
+    def manifest(self, wait: float = 0.0) -> Manifest:
+        """The caller's manifest. With `wait`, a hub that has nothing for the caller to do
+        holds the answer until a round opens or `wait` seconds pass (a long poll)."""
+        params = {"wait": f"{wait:g}"} if wait > 0 else None
+        return self._parse(Manifest, self._request("GET", "/manifest", params=params))
 
     def download_model(self, version: str, segments: Sequence[str], dest: Path, *,
                        on_progress: Progress | None = None,

@@ -31,6 +31,7 @@ from feddiffuse.shared.errors import DataNotFoundError, UserError, WireFormatErr
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import SEGMENTS, build_unet, get_preset, segment_map
 from feddiffuse.shared.protocol import Manifest, RoundPhase
+from feddiffuse.shared.recipes import Recipe, recipe_from_training, update_ema
 from feddiffuse.shared.training import EpochReport, TrainConfig, select_device, train_local
 from feddiffuse.shared.wire import (
     atomic_write_bytes,
@@ -56,7 +57,11 @@ from .state import HubStore
 # Test hook (documented in the README of the tests): exit the process at once, as a crash
 # would, right after the checkpoint of this epoch is written.
 CRASH_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_CRASH_AFTER_EPOCH"
+# Test hook: stop the process (SIGSTOP, once) at the same point, so a test can act while the
+# client is surely mid-round (kill it, kill the hub) and then SIGCONT or kill it.
+PAUSE_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_PAUSE_AFTER_EPOCH"
 PROGRESS_INTERVAL_S = 0.1
+LONG_POLL_S = 5.0  # the longest a waiting client's manifest request is held by the hub
 OPTIM_PREFIX = "optim."  # checkpoint tensors holding Adam's state, beside the weights
 
 
@@ -199,7 +204,20 @@ class Participant:
         else:
             detail = f"round {manifest.round} already tried; waiting for the next round"
         self.emit(ev.PhaseEvent("waiting", detail))
-        if self.stop.wait(delay):
+        # A long poll: the hub answers as soon as the next round opens, so a round starts
+        # without waiting out the poll interval. Windows of at most LONG_POLL_S keep a Cancel
+        # prompt; a hub that answers at once (an older one) is asked again only after `delay`.
+        started = time.monotonic()
+        window = min(delay, LONG_POLL_S)
+        try:
+            fresh = self.hub.manifest(wait=window)
+        except Exception:  # noqa: BLE001 - the loop's next manifest call retries and reports
+            fresh = None
+        if fresh is not None and (fresh.round, fresh.phase, fresh.global_version) != (
+                manifest.round, manifest.phase, manifest.global_version):
+            return
+        left = delay - (time.monotonic() - started)
+        if self.stop.wait(max(left, 0.0)) or self.stop.is_set():
             raise Cancelled("stopped while waiting")
 
     # -- one round ----------------------------------------------------------------------------
@@ -256,9 +274,11 @@ class Participant:
         images = self._training_images(manifest.preset)
         held = self._ensure_global(manifest, seg_of)
         personal_segs = personal_segments(manifest.method)
-        settings = manifest.training
-        config = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size,
-                             lr=settings.lr, loss=settings.loss)
+        recipe = self._recipe(manifest)
+        config = recipe.train_config(epochs=manifest.training.local_epochs,
+                                     images=int(images.shape[0]), round_index=r,
+                                     rounds=manifest.rounds,
+                                     batch_size=manifest.training.batch_size)
         record_path = round_dir / "round.json"
         record = _read_record(record_path) or {"assignment": _assignment(manifest),
                                                "epochs": []}
@@ -284,6 +304,11 @@ class Participant:
                 raise DownloadCorrupt(f"{len(missing)} tensors of the model are missing after "
                                       "the download")
             model.load_state_dict(start, strict=True)
+            if recipe.keep_optimizer:
+                optimizer_state = self.store.load_optimizer(before_round=r)
+                if optimizer_state:
+                    self.emit(ev.LogEvent(f"Round {r}: continuing with the optimiser state of "
+                                          "this client's previous round."))
             round_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(record_path, json.dumps(record).encode())
 
@@ -292,10 +317,17 @@ class Participant:
                         optimizer_state)
 
         trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        if recipe.keep_optimizer:  # from the last epoch's checkpoint, for the next round
+            last = self.store.latest_checkpoint(round_dir)
+            if last is not None:
+                tensors, _ = load_weights(last[1])
+                self.store.save_optimizer({n[len(OPTIM_PREFIX):]: t for n, t in tensors.items()
+                                           if n.startswith(OPTIM_PREFIX)}, manifest.preset, r)
         if personal_segs:
-            self.store.save_personal({n: t for n, t in trained.items()
-                                      if seg_of[n] in personal_segs},
-                                     manifest.preset, r, personal_segs)
+            mine = {n: t for n, t in trained.items() if seg_of[n] in personal_segs}
+            self.store.save_personal(mine, manifest.preset, r, personal_segs)
+            if recipe.ema_decay is not None:
+                self._update_personal_ema(mine, manifest.preset, r, recipe.ema_decay)
         upload = set(manifest.upload_segments)
         delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
         epochs = record["epochs"]
@@ -309,6 +341,27 @@ class Participant:
             if math.isfinite(mean_loss):
                 meta["mean_loss"] = f"{mean_loss:.6g}"
         atomic_write_bytes(upload_path, encode_tensors(delta, meta))
+
+    def _recipe(self, manifest: Manifest) -> Recipe:
+        try:
+            return recipe_from_training(manifest.training)
+        except UserError as exc:
+            raise SetupError(f"The hub asks for a training recipe this client does not know "
+                             f"({exc}); upgrade feddiffuse-client.") from None
+
+    def _update_personal_ema(self, mine: dict[str, torch.Tensor], preset: str, r: int,
+                             decay: float) -> None:
+        """Advance the EMA of this client's personal segments by round `r`, once per round
+        (a round replayed after a crash does not advance it twice)."""
+        path = self.store.personal_ema_path
+        previous: dict[str, torch.Tensor] | None = None
+        if path.is_file():
+            tensors, meta = load_weights(path)
+            done = read_metadata_value(meta, "round")
+            if done is not None and int(done) >= r:
+                return
+            previous = tensors
+        self.store.save_personal_ema(update_ema(previous, mine, decay), preset, r)
 
     def _train(self, model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
                manifest: Manifest, round_dir: Path, record: dict, start_epoch: int,
@@ -439,11 +492,44 @@ class Participant:
     def _fetch_final(self, manifest: Manifest) -> None:
         seg_of = segment_map(build_unet(manifest.preset))
         self._ensure_global(manifest, seg_of)
+        if manifest.sample_version is not None:
+            self._ensure_sample_model(manifest)
         self.store.update_info(finished=True)
         self.emit(ev.PhaseEvent("finished", f"the federation {manifest.federation} finished "
                                 f"after {manifest.rounds} rounds"))
         self.emit(ev.LogEvent("The federation is finished: sample from the final model with "
                               "`feddiffuse-client sample`."))
+
+    def _ensure_sample_model(self, manifest: Manifest) -> None:
+        """Download the hub's EMA of the global model (the one to sample from), if new."""
+        version = manifest.sample_version
+        assert version is not None
+        if self.store.load_info().sample_version == version and self.store.sample_path.is_file():
+            return
+        dest = self.store.download_path(version, SEGMENTS)
+        expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()}
+        self.emit(ev.PhaseEvent("downloading", f"downloading the model to sample from "
+                                f"(the EMA {version[:12]})"))
+        progress = self._progress("download")
+
+        def fetch() -> dict[str, torch.Tensor]:
+            if not dest.is_file():
+                self.hub.download_model(version, SEGMENTS, dest, on_progress=progress,
+                                        should_stop=self.stop.is_set)
+            try:
+                tensors, _meta = decode_tensors(dest.read_bytes(), expected)
+            except WireFormatError as exc:
+                dest.unlink(missing_ok=True)
+                raise DownloadCorrupt(f"the downloaded model is not valid ({exc})") from exc
+            return tensors
+
+        tensors = self._retry(f"downloading the sampling model {version[:12]}", fetch)
+        rounds_done = manifest.round if manifest.phase == RoundPhase.FINISHED \
+            else manifest.round - 1
+        self.store.save_sample_model(tensors, version, manifest.preset, rounds_done)
+        self.store.clear_downloads()
+        self.emit(ev.LogEvent(f"Downloaded the model to sample from (EMA of the global "
+                              f"model after {rounds_done} round(s)), verified."))
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -473,10 +559,20 @@ def _read_record(path: Path) -> dict | None:
     return value if isinstance(value, dict) and isinstance(value.get("epochs"), list) else None
 
 
+_paused = False
+
+
 def _maybe_crash(epoch: int) -> None:
     import os
 
+    global _paused
     target = os.environ.get(CRASH_AFTER_EPOCH_ENV)
     if target and target.isdigit() and int(target) == epoch:
         os._exit(75)
+    target = os.environ.get(PAUSE_AFTER_EPOCH_ENV)
+    if target and target.isdigit() and int(target) == epoch and not _paused:
+        import signal
+
+        _paused = True
+        os.kill(os.getpid(), signal.SIGSTOP)
 

@@ -25,6 +25,32 @@ class SampleResult:
     description: str
 
 
+def rounds_completed(info) -> int | None:
+    """How many rounds of training the model this client would sample from has seen."""
+    if info.sample_version is not None and info.sample_round is not None:
+        return info.sample_round
+    if info.global_round is None:
+        return None
+    return info.rounds if info.finished and info.rounds else info.global_round - 1
+
+
+def maturity_note(done: int | None, rounds: int | None) -> str | None:
+    """A sentence on what to expect from samples of a model that is still early, or None.
+
+    From benchmarks/recipe.py and the demo: with the default recipe the learning rate decays
+    over the whole federation, so the images sharpen most in the last rounds.
+    """
+    if done is None or not rounds or done >= rounds:
+        return None
+    if done == 0:
+        return ("This is the initial, untrained model: its samples are pure noise until the "
+                "first round is aggregated.")
+    return (f"This model has finished {done} of {rounds} rounds, so samples are still noisy "
+            "at this stage: blurred shapes appear around half-way, and images become "
+            "recognisable in the last rounds, as the learning rate decays (sample again when "
+            "the federation has finished).")
+
+
 def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
     """The UNet with the client's current weights, and a line that says what they are."""
     info = store.load_info()
@@ -35,14 +61,24 @@ def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
     model = build_unet(info.preset)
     seg_of = segment_map(model)
     personal_segs = personal_segments(info.method) if info.method else ()
-    personal = {n: t for n, t in store.load_personal().items() if seg_of.get(n) in personal_segs}
-    weights = {**held.tensors, **personal}
+    ema = store.load_sample_model()
+    own = store.load_personal_ema() if ema else {}
+    own = own or store.load_personal()
+    personal = {n: t for n, t in own.items() if seg_of.get(n) in personal_segs}
+    weights = {**(ema or held.tensors), **personal}
     missing = set(seg_of) - set(weights)
     if missing:
         raise SetupError(f"The model kept for {store.url} is incomplete ({len(missing)} tensors "
                          "missing); run feddiffuse-client join to fetch it again.")
     model.load_state_dict(weights, strict=True)
-    what = f"global model {held.version[:12] if held.version else '?'}"
+    if ema:
+        what = (f"EMA of the global model after round {info.sample_round} "
+                f"({(info.sample_version or '?')[:12]})")
+    else:
+        what = f"global model {held.version[:12] if held.version else '?'}"
+        done = rounds_completed(info)
+        if done is not None:
+            what += f" after {done} round(s)"
     if personal:
         what += f" with this client's own {', '.join(personal_segs)}"
     return model, what
@@ -69,4 +105,9 @@ def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str =
     images = sample(model, DiffusionSchedule.linear().to(dev), n, make_generator(seed, dev),
                     "ddim", steps=steps, device=dev, on_step=step)
     path = save_grid(images, out)
-    return SampleResult(path, images, f"{n} samples from the {what}, DDIM {steps} steps")
+    info = store.load_info()
+    description = f"{n} samples from the {what}, DDIM {steps} steps"
+    note = maturity_note(rounds_completed(info), info.rounds)
+    if note:
+        description += f". {note}"
+    return SampleResult(path, images, description)

@@ -65,6 +65,8 @@ class HubInfo(BaseModel):
     last_reported_round: int | None = None
     last_receipt_sha256: str | None = None
     finished: bool = False
+    sample_version: str | None = None  # the version of sample.safetensors (the hub's EMA)
+    sample_round: int | None = None  # rounds completed when that model was made
     joined_at: str | None = None
     updated_at: str | None = None
 
@@ -226,6 +228,57 @@ class HubStore:
             "segments": ",".join(sorted(versions)), "segment_versions": json.dumps(versions)})
         return HeldGlobal(merged, version, versions)
 
+    @property
+    def sample_path(self) -> Path:
+        return self.root / "sample.safetensors"
+
+    @property
+    def personal_ema_path(self) -> Path:
+        return self.root / "personal-ema.safetensors"
+
+    def load_sample_model(self) -> dict[str, torch.Tensor]:
+        """The hub's EMA of the global model, when one was fetched."""
+        if not self.sample_path.is_file():
+            return {}
+        tensors, _ = load_weights(self.sample_path)
+        return tensors
+
+    def save_sample_model(self, tensors: Mapping[str, torch.Tensor], version: str,
+                          preset: str, round_index: int) -> None:
+        save_weights(self.sample_path, tensors, {"kind": "global-ema", "preset": preset,
+                                                 "version": version, "round": round_index})
+        self.update_info(sample_version=version, sample_round=round_index)
+
+    def load_personal_ema(self) -> dict[str, torch.Tensor]:
+        if not self.personal_ema_path.is_file():
+            return {}
+        tensors, _ = load_weights(self.personal_ema_path)
+        return tensors
+
+    def save_personal_ema(self, tensors: Mapping[str, torch.Tensor], preset: str,
+                          round_index: int) -> None:
+        save_weights(self.personal_ema_path, tensors, {"kind": "personal-ema",
+                                                       "preset": preset, "round": round_index})
+
+    @property
+    def optimizer_path(self) -> Path:
+        return self.root / "optimizer.safetensors"
+
+    def load_optimizer(self, before_round: int) -> dict[str, torch.Tensor]:
+        """The optimiser state saved after an earlier round than `before_round`, or {}."""
+        if not self.optimizer_path.is_file():
+            return {}
+        tensors, meta = load_weights(self.optimizer_path)
+        saved = read_metadata_value(meta, "round")
+        if saved is None or int(saved) >= before_round:
+            return {}
+        return tensors
+
+    def save_optimizer(self, tensors: Mapping[str, torch.Tensor], preset: str,
+                       round_index: int) -> None:
+        save_weights(self.optimizer_path, tensors, {"kind": "optimizer", "preset": preset,
+                                                    "round": round_index})
+
     def load_personal(self) -> dict[str, torch.Tensor]:
         if not self.personal_path.is_file():
             return {}
@@ -242,12 +295,14 @@ class HubStore:
         """Move the weights and rounds of a previous federation to `previous/` (not deleted)."""
         previous = self.root / "previous" / _now().replace(":", "")
         previous.mkdir(parents=True, exist_ok=True)
-        for path in (self.global_path, self.personal_path, self.rounds_dir):
+        for path in (self.global_path, self.personal_path, self.rounds_dir, self.sample_path,
+                     self.personal_ema_path, self.optimizer_path):
             if path.exists():
                 os.replace(path, previous / path.name)
         self.clear_downloads()
         self.update_info(global_version=None, global_round=None, last_reported_round=None,
-                         last_receipt_sha256=None, finished=False)
+                         last_receipt_sha256=None, finished=False, sample_version=None,
+                         sample_round=None)
 
     # -- downloads ----------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from .tokens import ADMIN, create_client_token, hash_token, revoke_client_token
 from .uploads import ReceivedUpload, UploadTicket
 from .weights import (
     ALL_KEY,
+    global_metadata,
     header_prefix,
     load_verified,
     single_threaded_torch,
@@ -107,6 +108,11 @@ class Hub:
         self.aggregation_error: str | None = None
         self._noted: set[tuple[str, int]] = set()
         self._closed = False
+        # Long-polling manifests: `generation` grows whenever a round opens or the federation
+        # moves on; listeners (one per waiting request) are called from the thread that did it.
+        self.generation = 0
+        self._listeners: set[Callable[[], None]] = set()
+        self._listeners_lock = threading.Lock()
 
     @property
     def serving(self) -> bool:
@@ -175,6 +181,22 @@ class Hub:
 
     def manifest(self, client: str) -> Manifest:
         return status_view.manifest(self.store, client, self.clock())
+
+    def add_listener(self, wake: Callable[[], None]) -> None:
+        with self._listeners_lock:
+            self._listeners.add(wake)
+
+    def remove_listener(self, wake: Callable[[], None]) -> None:
+        with self._listeners_lock:
+            self._listeners.discard(wake)
+
+    def _moved_on(self) -> None:
+        """A round opened, or one was published: wake every long-polling manifest request."""
+        with self._listeners_lock:
+            self.generation += 1
+            listeners = list(self._listeners)
+        for wake in listeners:
+            wake()
 
     def status(self) -> HubStatus:
         return status_view.hub_status(self, self.clock())
@@ -438,6 +460,7 @@ class Hub:
         self.store.open_round(row, participants, NewEvent(now, row.round, "opened", message))
         log.info(message)
         self._prebuild(row, participants)
+        self._moved_on()
 
     def _prebuild(self, row: RoundRow, participants: list[ParticipantRow]) -> None:
         vrow = self.store.version(row.base_version)
@@ -470,6 +493,7 @@ class Hub:
         started = time.perf_counter()
         r = row.round
         version, size, count = replay_round(self.store, self.blobs, self.layout, s, row)
+        sample = self._update_sample_model(version, r + 1)
         crash_point("publish")
         now = self.clock()
         finished = r >= s.rounds
@@ -486,19 +510,45 @@ class Hub:
                 events.append(NewEvent(now, r + 1, "opened",
                                        self._opened_message(*planned)))
             self.store.publish(r, VersionRow(version, r + 1, size, now), now, finished,
-                               planned, events)
+                               planned, events,
+                               None if sample is None
+                               else VersionRow(sample[0], r + 1, sample[1], now))
         for e in events:
             log.info(e.message)
         if planned is not None:
             self._prebuild(*planned)
-        elif not finished:
+        self._moved_on()
+        if planned is None and not finished:
             self.tick()  # logs that the next round waits for clients
 
-    def export(self, out: str | Path) -> tuple[str, int]:
-        """Copy the current global model to `out` (atomically); returns (version, bytes)."""
+    def _update_sample_model(self, version: str, round_index: int) -> tuple[str, int] | None:
+        """The recipe's EMA of the global model, advanced by the new global `version`, as a
+        blob (not yet published); None when the recipe keeps no EMA. Computed from the stored
+        EMA and the new global alone, so an aggregation redone after a crash gives the same
+        bytes."""
+        decay = self.settings.training_recipe.ema_decay
+        if decay is None:
+            return None
+        from feddiffuse.shared.recipes import update_ema
+
+        previous = self.store.federation().sample_version
+        with single_threaded_torch():
+            ema = None if previous is None else load_verified(self.blobs, previous)
+            ema = update_ema(ema, load_verified(self.blobs, version), decay)
+            return write_blob(self.blobs, ema, {**global_metadata(self.settings.preset,
+                                                                  round_index),
+                                                "kind": "global-ema", "ema_decay": decay})
+
+    def export(self, out: str | Path, which: str = "sample") -> tuple[str, int]:
+        """Copy a model to `out` (atomically); returns (version, bytes). `which` is "sample"
+        (the model clients sample from: the recipe's EMA when it keeps one) or "global" (the
+        last aggregate, the one training continues from)."""
         from feddiffuse.shared.wire import atomic_write_bytes
 
-        version = self.store.federation().current_version
+        fed = self.store.federation()
+        version = fed.current_version
+        if which == "sample" and fed.sample_version is not None:
+            version = fed.sample_version
         data = self.blobs.read_bytes(version)
         atomic_write_bytes(out, data)
         return version, len(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from feddiffuse.shared.protocol import (
     FederationInfo,
     HubStatus,
     Manifest,
+    RoundPhase,
     UploadReceipt,
 )
 
@@ -30,6 +32,7 @@ from .downloads import etag_matches, file_response, not_modified, requested_rang
 from .errors import HubError
 from .uploads import DRAIN_LIMIT, UploadReceiver
 
+MAX_MANIFEST_WAIT_S = 30.0  # the longest a manifest request is held (long poll)
 FEED_BATCH = 1 << 20  # bytes of body handed to the receiver at once (bounds memory per upload)
 _bearer = HTTPBearer(auto_error=False, description="A client token, or the admin token.")
 
@@ -86,9 +89,31 @@ def federation(request: Request, caller: AnyCaller) -> FederationInfo:
 
 
 @router.get("/manifest", response_model=Manifest, responses=_errors(), tags=["client"])
-def manifest(request: Request, caller: ClientCaller) -> Manifest:
+async def manifest(request: Request, caller: ClientCaller,
+                   wait: Annotated[float, Query(ge=0, le=MAX_MANIFEST_WAIT_S, description=(
+                       "Long poll: when the caller has nothing to do now (reported, or not "
+                       "in this round), hold the answer up to this many seconds until a "
+                       "round opens or the federation moves on."))] = 0.0) -> Manifest:
     """What the caller does in the current round."""
-    return get_hub(request).manifest(caller.name)
+    hub = get_hub(request)
+    generation = hub.generation  # read first: a change after this point is never missed
+    answer = await run_in_threadpool(hub.manifest, caller.name)
+    if wait <= 0 or answer.phase not in (RoundPhase.REPORTED, RoundPhase.WAITING):
+        return answer
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def wake() -> None:  # called from the thread that opened or published a round
+        loop.call_soon_threadsafe(changed.set)
+
+    hub.add_listener(wake)
+    try:
+        if hub.generation == generation:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), wait)
+    finally:
+        hub.remove_listener(wake)
+    return await run_in_threadpool(hub.manifest, caller.name)
 
 
 @router.head("/models/{version}", response_class=Response, include_in_schema=False)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from feddiffuse.shared.errors import UserError
+from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
@@ -22,15 +23,17 @@ class FederationSettings:
     min_clients: int = 1  # the quorum: reports needed to close a round at its deadline
     round_timeout_s: float | None = None  # None: a round waits for every participant
     seed: int = 0  # initial weights, USplit pairs and the clients' training seeds
-    batch_size: int | None = None  # None: the preset's default
-    lr: float = 1e-4
-    loss: str = "huber"
+    batch_size: int | None = None  # None: the recipe's, else the preset's default
+    lr: float | None = None  # None: the recipe's
+    loss: str | None = None  # None: the recipe's
+    # A built-in recipe's name, or (once validated, and as stored) the whole recipe as a dict,
+    # so that a hub keeps training the way it was created even if a built-in one changes.
+    recipe: str | dict = field(default=DEFAULT_RECIPE)
 
     def validated(self) -> FederationSettings:
         """These settings with defaults resolved; raises UserError on a bad value."""
         # Imported here: the model and diffusion modules load PyTorch, which the store and
         # the token commands do not need.
-        from feddiffuse.shared.diffusion import LOSSES
         from feddiffuse.shared.methods import check_method
         from feddiffuse.shared.model import get_preset
 
@@ -50,14 +53,24 @@ class FederationSettings:
             raise UserError("--round-timeout must be a positive number of seconds.")
         if not 0 <= self.seed < 2**63:
             raise UserError("--seed must be a non-negative integer.")
-        batch = preset.batch_size if self.batch_size is None else self.batch_size
-        if batch < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise UserError("--batch-size must be at least 1.")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError("--lr must be a positive number.")
-        if self.loss not in LOSSES:
-            raise UserError(f"Unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
-        return FederationSettings(**{**asdict(self), "batch_size": batch})
+        base = (recipe_from_dict(self.recipe) if isinstance(self.recipe, dict)
+                else get_recipe(self.recipe))
+        recipe = base.with_overrides(lr=self.lr, loss=self.loss, batch_size=self.batch_size)
+        batch = recipe.batch_size or preset.batch_size
+        recipe = replace(recipe, batch_size=batch)
+        return FederationSettings(**{**asdict(self), "batch_size": batch, "lr": recipe.lr,
+                                     "loss": recipe.loss, "recipe": recipe.to_dict()})
+
+    @property
+    def training_recipe(self) -> Recipe:
+        """The recipe (call on validated settings)."""
+        if not isinstance(self.recipe, dict):
+            return self.validated().training_recipe
+        return recipe_from_dict(self.recipe)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ from feddiffuse.shared.protocol import (
     RoundSummary,
     TrainingSettings,
 )
+from feddiffuse.shared.recipes import recipe_training_fields
 
 from .layout import ModelLayout
 from .store import CLOSING, OPEN, HubStore
@@ -38,7 +39,8 @@ def federation_info(fed: FederationRow, layout: ModelLayout) -> FederationInfo:
     return FederationInfo(name=s.name, preset=s.preset, method=s.method, rounds=s.rounds,
                           local_epochs=s.local_epochs, min_clients=s.min_clients,
                           round_timeout_s=s.round_timeout_s, current_round=fed.current_round,
-                          finished=fed.finished, parameters=layout.parameter_counts())
+                          finished=fed.finished, parameters=layout.parameter_counts(),
+                          recipe=s.training_recipe.name, sample_version=fed.sample_version)
 
 
 def manifest(store: HubStore, client: str, now: float) -> Manifest:
@@ -46,9 +48,10 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
     s = fed.settings
     r = fed.current_round
     common = dict(federation=s.name, client_id=client, round=r, rounds=s.rounds,
-                  method=s.method, preset=s.preset, global_version=fed.current_version)
-    training = TrainingSettings(local_epochs=s.local_epochs, batch_size=s.batch_size,
-                                lr=s.lr, loss=s.loss)
+                  method=s.method, preset=s.preset, global_version=fed.current_version,
+                  sample_version=fed.sample_version)
+    training = TrainingSettings(local_epochs=s.local_epochs,
+                                **recipe_training_fields(s.training_recipe))
     if fed.finished:
         return Manifest(**common, phase=RoundPhase.FINISHED,
                         download_segments=list(shared_segments(s.method)), upload_segments=[],

@@ -19,8 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import UserError
-
-LOSSES = ("huber", "mse")
+from .recipes import LOSS_WEIGHTINGS, LOSSES
 
 
 def linear_beta_schedule(timesteps: int = 1000, start: float = 1e-4, end: float = 0.02):
@@ -85,22 +84,39 @@ def _gather(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.gather(0, t).reshape(-1, *([1] * (ndim - 1)))
 
 
+MIN_SNR_GAMMA = 5.0
+
+
 def diffusion_loss(model: nn.Module, schedule: DiffusionSchedule, x0: torch.Tensor,
-                   generator: torch.Generator, loss: str = "huber") -> torch.Tensor:
+                   generator: torch.Generator, loss: str = "huber",
+                   weighting: str = "none") -> torch.Tensor:
     """Noise-prediction loss with t uniform per sample (Ho et al. 2020, Algorithm 1).
 
     loss = "huber" (smooth L1, the paper's choice) or "mse" (Ho et al.'s simple loss).
+    weighting = "none" (the plain mean) or "min-snr": each sample's loss is scaled by
+    min(SNR(t), 5) / SNR(t) (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting"), which stops the nearly noise-free steps from dominating the gradient.
     """
     if loss not in LOSSES:
         raise UserError(f"Unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}.")
+    if weighting not in LOSS_WEIGHTINGS:
+        raise UserError(f"Unknown loss weighting {weighting!r}; choose one of: "
+                        f"{', '.join(LOSS_WEIGHTINGS)}.")
     b = x0.shape[0]
     t = torch.randint(0, schedule.timesteps, (b,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.q_sample(x0, t, noise)
     predicted = model(x_t, t)
-    if loss == "huber":
-        return F.smooth_l1_loss(predicted.float(), noise.float())
-    return F.mse_loss(predicted.float(), noise.float())
+    if weighting == "none":
+        if loss == "huber":
+            return F.smooth_l1_loss(predicted.float(), noise.float())
+        return F.mse_loss(predicted.float(), noise.float())
+    fn = F.smooth_l1_loss if loss == "huber" else F.mse_loss
+    per_sample = fn(predicted.float(), noise.float(), reduction="none").flatten(1).mean(1)
+    ac = schedule.alphas_cumprod.gather(0, t)
+    snr = ac / (1.0 - ac)
+    weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+    return (per_sample * weight).mean()
 
 
 StepCallback = Callable[[int, int], None]

@@ -86,11 +86,27 @@ class ErrorBody(_Model):
 
 
 class TrainingSettings(_Model):
+    """How a client trains this round: the hub's recipe (feddiffuse.shared.recipes) and the
+    round's seed. Fields left out read as the paper's recipe (an older hub sent only the
+    first four)."""
+
     local_epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     loss: str = "huber"
     seed: int = 0  # the client's training seed for this round
+    recipe: str = "paper"  # the recipe's name
+    optimizer: str = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    loss_weighting: str = "none"
+    bf16: bool = False
+    channels_last: bool = True
+    ema_decay: float | None = Field(default=None, ge=0, lt=1)
+    server_lr: float = Field(default=1.0, gt=0)
+    keep_optimizer: bool = False
 
 
 class RoundPhase(StrEnum):
@@ -115,6 +131,9 @@ class Manifest(_Model):
     training: TrainingSettings
     deadline: datetime | None = None
     retry_after_s: float | None = None  # for WAITING / REPORTED: when to ask again
+    # The model to sample from: the recipe's EMA of the global model (a full model file, like
+    # global_version); None: sample the global model itself.
+    sample_version: str | None = None
 
 
 class FederationInfo(_Model):
@@ -129,6 +148,8 @@ class FederationInfo(_Model):
     current_round: int
     finished: bool
     parameters: dict[str, int]  # segment -> parameter count, plus "total"
+    recipe: str = "paper"  # the training recipe's name (the manifest carries all of it)
+    sample_version: str | None = None  # the model to sample from (the recipe's EMA), if any
 
 
 class UploadReceipt(_Model):

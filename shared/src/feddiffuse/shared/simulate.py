@@ -25,8 +25,9 @@ from .images import save_grid
 from .ledger import CommLedger
 from .methods import check_method, has_personal_models, personal_segments
 from .model import build_unet, count_parameters, get_preset, segment_map
+from .recipes import DEFAULT_RECIPE, Recipe, get_recipe, update_ema
 from .rounds import RoundState
-from .training import TrainConfig, select_device, train_local
+from .training import select_device, train_local
 from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, write_tensors
 
 Log = Callable[[str], None]
@@ -47,12 +48,13 @@ class SimulationConfig:
     limit: int | None = None
     data_dir: str | None = None
     out: str = "runs/simulate"
-    batch_size: int | None = None  # None: the preset's default
-    lr: float = 1e-4
-    loss: str = "huber"
+    recipe: str = DEFAULT_RECIPE  # see feddiffuse.shared.recipes
+    batch_size: int | None = None  # None: the recipe's, else the preset's default
+    lr: float | None = None  # None: the recipe's
+    loss: str | None = None  # None: the recipe's
     device: str = "auto"
     channels_last: bool = True
-    bf16: bool = False
+    bf16: bool | None = None  # None: the recipe's
     sample_count: int = 64  # images in samples.png (per personal model: one row)
     sample_steps: int = 50
     max_steps_per_epoch: int | None = None
@@ -63,8 +65,17 @@ class SimulationConfig:
     eval_personal: str = "each"
     inception_weights: str | None = None
 
+    def resolved_recipe(self) -> Recipe:
+        """The recipe with this run's explicit overrides."""
+        recipe = get_recipe(self.recipe).with_overrides(
+            lr=self.lr, loss=self.loss, bf16=self.bf16, batch_size=self.batch_size)
+        if recipe.channels_last != self.channels_last:
+            recipe = Recipe(**{**recipe.to_dict(), "channels_last": self.channels_last})
+        return recipe
+
     def validate(self) -> None:
         get_preset(self.preset)
+        self.resolved_recipe()
         check_method(self.method)
         if self.split not in SPLITS:
             raise UserError(f"Unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}.")
@@ -105,9 +116,14 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
-def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
-    """Run a simulation and write its report, weights and sample grid under `config.out`."""
+def run_simulation(config: SimulationConfig, log: Log = print,
+                   recipe: Recipe | None = None) -> dict:
+    """Run a simulation and write its report, weights and sample grid under `config.out`.
+
+    `recipe` replaces the configured one (benchmarks compare variants with it).
+    """
     config.validate()
+    recipe = (recipe or config.resolved_recipe()).validate()
     started = time.perf_counter()
     preset = get_preset(config.preset)
     cfg = preset.config
@@ -140,25 +156,32 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
     counts = count_parameters(model)
     global_state = _state(model)
     schedule = DiffusionSchedule.linear()
-    train_cfg = TrainConfig(epochs=config.local_epochs,
-                            batch_size=config.batch_size or preset.batch_size, lr=config.lr,
-                            loss=config.loss, channels_last=config.channels_last,
-                            bf16=config.bf16, max_steps_per_epoch=config.max_steps_per_epoch)
+    batch_size = recipe.batch_size or preset.batch_size
     personal = personal_segments(config.method)
     # Each client's own copy of the segments that never travel back (ulatdec, udec).
     personal_state: dict[str, dict[str, torch.Tensor]] = {}
+    # The recipe's EMA: the hub's of the global model, each client's of its personal segments.
+    ema_global: dict[str, torch.Tensor] | None = None
+    ema_personal: dict[str, dict[str, torch.Tensor]] = {}
+    # The recipe's keep_optimizer: each client's optimiser moments, carried to its next round.
+    optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
 
     log(f"FedDiffuse simulation: {config.method} on {data.name}, {config.clients} client(s), "
         f"{config.rounds} round(s) x {config.local_epochs} local epoch(s), split {config.split}")
     log(f"  preset {preset.name} ({counts['total_params']:,} parameters), "
         f"{len(data):,} training images, device {device} ({device_reason})")
+    log(f"  recipe {recipe.name}: {recipe.optimizer} lr {recipe.lr:g}, {recipe.loss}"
+        f"{' min-snr' if recipe.loss_weighting == 'min-snr' else ''}, batch {batch_size}"
+        f"{', bf16' if recipe.bf16 else ''}"
+        f"{f', EMA {recipe.ema_decay:g} per round' if recipe.ema_decay is not None else ''}")
     log("  client sizes: " + ", ".join(f"{c}={n}" for c, n in sizes.items()))
 
     ledger = CommLedger()
     rounds_report = []
     for r in range(1, config.rounds + 1):
         round_started = time.perf_counter()
-        state = RoundState.open(config.method, r, ids, global_state, seg_of, seed=config.seed)
+        state = RoundState.open(config.method, r, ids, global_state, seg_of, seed=config.seed,
+                                strategy=recipe.aggregation())
         # Hashed while streamed, without building the file in memory just to hash it.
         version, _ = write_tensors(_Discard(), global_state,
                                    {"kind": "global", "preset": preset.name, "round": r})
@@ -182,12 +205,22 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
                     f"{config.local_epochs} loss {rep.mean_loss:.4f} "
                     f"({rep.images / max(rep.seconds, 1e-9):.0f} img/s)")
 
+            train_cfg = recipe.train_config(
+                epochs=config.local_epochs, images=sizes[cid], round_index=r,
+                rounds=config.rounds, batch_size=batch_size,
+                max_steps_per_epoch=config.max_steps_per_epoch)
             result = train_local(model, client_images[cid], schedule, train_cfg,
                                  seed=config.seed * 10_007 + r * 101 + i, device=device,
-                                 on_epoch=on_epoch)
+                                 on_epoch=on_epoch,
+                                 optimizer_state=optimizer_states.get(cid))
+            if recipe.keep_optimizer and result.epochs:
+                optimizer_states[cid] = result.epochs[-1].optimizer_state()
             trained = _state(model)
             if personal:
                 personal_state[cid] = {n: t for n, t in trained.items() if seg_of[n] in personal}
+                if recipe.ema_decay is not None:
+                    ema_personal[cid] = update_ema(ema_personal.get(cid), personal_state[cid],
+                                                   recipe.ema_decay)
             upload_shapes = state.expected_upload_shapes(cid)
             delta = {n: trained[n] - global_state[n] for n in upload_shapes}
             body = encode_tensors(delta, {"kind": "delta", "preset": preset.name, "round": r,
@@ -202,6 +235,8 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
                                 "downloaded": list(plan.download)})
         outcome = state.finalize()
         global_state = outcome.global_state
+        if recipe.ema_decay is not None:
+            ema_global = update_ema(ema_global, global_state, recipe.ema_decay)
         ledger.extend(outcome.transfers)
         tot = ledger.totals(r)
         cum = ledger.totals()
@@ -217,19 +252,26 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"preset": preset.name, "method": config.method, "rounds": config.rounds,
-            "seed": config.seed}
-    save_weights(out / "global.safetensors", global_state, {**meta, "kind": "global"})
+            "seed": config.seed, "recipe": recipe.name}
+    # global.safetensors is the model to sample from: the EMA when the recipe keeps one
+    # (then global-raw.safetensors is the last aggregate, the one training continued from).
+    sample_global = global_state if ema_global is None else ema_global
+    save_weights(out / "global.safetensors", sample_global,
+                 {**meta, "kind": "global" if ema_global is None else "global-ema"})
     weight_files = {"global": str(out / "global.safetensors")}
+    if ema_global is not None:
+        save_weights(out / "global-raw.safetensors", global_state, {**meta, "kind": "global"})
+        weight_files["global-raw"] = str(out / "global-raw.safetensors")
     models_to_sample: dict[str, dict[str, torch.Tensor]] = {}
     if has_personal_models(config.method):
         for cid in ids:
-            personal_model = {**global_state, **personal_state[cid]}
+            personal_model = {**sample_global, **ema_personal.get(cid, personal_state[cid])}
             path = out / f"personal-{cid}.safetensors"
             save_weights(path, personal_model, {**meta, "kind": "personal", "client": cid})
             weight_files[cid] = str(path)
             models_to_sample[cid] = personal_model
     else:
-        models_to_sample["global"] = global_state
+        models_to_sample["global"] = sample_global
 
     samples_path = None
     if config.sample_count > 0:
@@ -254,6 +296,7 @@ def run_simulation(config: SimulationConfig, log: Log = print) -> dict:
 
     report = {
         "config": asdict(config),
+        "recipe": recipe.to_dict(),
         "preset": {"name": preset.name, **counts},
         "dataset": {"name": data.name, "images": len(data), "client_sizes": sizes},
         "device": {"name": str(device), "reason": device_reason},

@@ -8,6 +8,7 @@ an epoch checkpoint continues exactly as if it had not stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import nn
 from .data.dataset import to_model_range
 from .diffusion import DiffusionSchedule, diffusion_loss, make_generator
 from .errors import UserError
+from .recipes import LOSS_WEIGHTINGS, LOSSES, LR_SCHEDULES, OPTIMIZERS
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
@@ -45,6 +47,12 @@ def select_device(choice: str = "auto") -> tuple[torch.device, str]:
     return torch.device("cpu"), "no CUDA GPU or Apple MPS found"
 
 
+def epoch_steps(images: int, batch_size: int, max_steps: int | None = None) -> int:
+    """Optimiser steps in one local epoch over `images` images (the last batch may be short)."""
+    steps = (int(images) + batch_size - 1) // batch_size
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A distinct, reproducible seed for each (run seed, epoch)."""
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2**63 - 1)
@@ -62,6 +70,17 @@ class TrainConfig:
     channels_last: bool = True
     bf16: bool = False  # bf16 autocast for the forward pass (CPU or CUDA)
     max_steps_per_epoch: int | None = None  # for benchmarks and smoke tests
+    optimizer: str = "adam"  # "adam" or "adamw"; a fresh optimiser every call (every round)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    loss_weighting: str = "none"  # "none" or "min-snr" (see diffusion_loss)
+    # The learning rate follows one schedule over the whole federation, counted in this
+    # client's steps: `step_offset` steps were taken in earlier rounds, `total_steps` is the
+    # length of the whole run (needed by "cosine"). Linear warm-up over `warmup_steps`.
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    step_offset: int = 0
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0  # where "cosine" ends, as a fraction of lr
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -70,6 +89,39 @@ class TrainConfig:
             raise UserError("Batch size must be at least 1.")
         if not self.lr > 0:
             raise UserError("Learning rate must be positive.")
+        if self.loss not in LOSSES:
+            raise UserError(f"Unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise UserError(f"Unknown loss weighting {self.loss_weighting!r}; choose one of: "
+                            f"{', '.join(LOSS_WEIGHTINGS)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"Unknown optimiser {self.optimizer!r}; choose one of: "
+                            f"{', '.join(OPTIMIZERS)}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"Unknown learning-rate schedule {self.lr_schedule!r}; choose one "
+                            f"of: {', '.join(LR_SCHEDULES)}.")
+        if self.lr_schedule == "cosine" and not self.total_steps:
+            raise UserError("A cosine learning-rate schedule needs the run's total steps.")
+        if self.warmup_steps < 0 or self.step_offset < 0 or self.weight_decay < 0:
+            raise UserError("Warm-up steps, step offset and weight decay cannot be negative.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError("The final learning-rate ratio must be between 0 and 1.")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the 0-based global step `step` (offset included)."""
+        lr = self.lr
+        if self.warmup_steps:
+            lr *= min(1.0, (step + 1) / self.warmup_steps)
+        if self.lr_schedule == "cosine" and self.total_steps:
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+            floor = self.min_lr_ratio
+            lr *= floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr
+
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.warmup_steps) or self.lr_schedule != "constant"
 
 
 @dataclass
@@ -176,12 +228,14 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
     schedule = schedule.to(device)
     model.train()
     # foreach: one multi-tensor kernel per step instead of a loop over parameters (faster).
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
+    if config.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     if optimizer_state:
         load_adam_state(optimizer, model, optimizer_state)
-    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    steps_per_epoch = epoch_steps(n, config.batch_size, config.max_steps_per_epoch)
     result = TrainResult()
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -201,7 +255,12 @@ def train_local(model: nn.Module, images: torch.Tensor, schedule: DiffusionSched
                 if config.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, config.bf16):
-                    loss = diffusion_loss(model, schedule, batch, noise_gen, config.loss)
+                    loss = diffusion_loss(model, schedule, batch, noise_gen, config.loss,
+                                          config.loss_weighting)
+                if config.scheduled:
+                    lr = config.lr_at(config.step_offset + epoch * steps_per_epoch + step)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from feddiffuse.shared.recipes import DEFAULT_RECIPE, RECIPE_HELP
+
 from ._common import HubDir, fail, user_errors
 from .tokens import token_app
 
@@ -52,7 +54,9 @@ def init(
                                            "training seeds.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Clients' batch size (default: the "
                                                         "preset's).")] = None,
-    lr: Annotated[float, typer.Option(help="Clients' Adam learning rate.")] = 1e-4,
+    lr: Annotated[float | None, typer.Option(
+        help="Clients' peak learning rate (default: the recipe's).")] = None,
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
     name: Annotated[str | None, typer.Option(help="Federation name (default: the folder's "
                                                   "name).")] = None,
 ) -> None:
@@ -64,10 +68,12 @@ def init(
         settings = FederationSettings(
             name=name or hub_dir.resolve().name or "feddiffuse", preset=preset, method=method,
             rounds=rounds, local_epochs=local_epochs, min_clients=min_clients,
-            round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr)
+            round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr,
+            recipe=recipe)
         token, version_ = init_hub(hub_dir, settings)
     typer.echo(f"Created hub {settings.name!r} in {hub_dir}: {method} on {preset}, {rounds} "
-               f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}; initial "
+               f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}, recipe "
+               f"{recipe}; initial "
                f"global version {version_[:16]}...", err=True)
     typer.echo("Admin token (shown once; keep it safe):", err=True)
     typer.echo(token)
@@ -138,8 +144,12 @@ def export(
     hub_dir: HubDir,
     out: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.",
                                         show_default=False)],
+    model: Annotated[str, typer.Option(
+        help="'sample': the model to sample from (the recipe's EMA of the global model, when "
+             "it keeps one); 'global': the last aggregate, which training continues from.")
+    ] = "sample",
 ) -> None:
-    """Write the current global model (a safetensors file whose sha256 is its version)."""
+    """Write the current model (a safetensors file whose sha256 is its version)."""
     from ..coordinator import Hub
 
     with user_errors():
@@ -147,11 +157,15 @@ def export(
             fail(f"{out} is a folder; give a file name such as {out / 'global.safetensors'}.")
         if not out.parent.is_dir():
             fail(f"The folder {out.parent} does not exist; create it first.")
+        if model not in ("sample", "global"):
+            fail(f"Unknown --model {model!r}; choose 'sample' or 'global'.")
         with Hub.open(hub_dir) as hub:
-            version_, size = hub.export(out)
-            finished = hub.store.federation().finished
-    state = "final" if finished else "current"
-    typer.echo(f"Wrote the {state} global model (version {version_[:16]}..., "
+            version_, size = hub.export(out, model)
+            fed = hub.store.federation()
+    state = "final" if fed.finished else "current"
+    what = ("EMA of the global model (the one to sample from)"
+            if version_ == fed.sample_version else "global model")
+    typer.echo(f"Wrote the {state} {what} (version {version_[:16]}..., "
                f"{size / 1e6:.2f} MB) to {out}.")
 
 

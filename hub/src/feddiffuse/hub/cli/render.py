@@ -25,7 +25,7 @@ def render_status(status: HubStatus, now: datetime) -> str:
     lines = [
         f"Federation {f.name!r}: preset {f.preset} ({f.parameters['total']:,} parameters), "
         f"method {f.method}, {f.rounds} round(s) x {f.local_epochs} local epoch(s), "
-        f"quorum {f.min_clients}, round timeout {timeout}",
+        f"quorum {f.min_clients}, round timeout {timeout}, recipe {f.recipe}",
     ]
     if f.finished:
         lines.append(f"State: finished after {f.rounds} round(s).")

@@ -27,6 +27,7 @@ class FederationRow:
     current_round: int  # after the last round: the number of rounds
     current_version: str  # sha256 of the current global model's file
     finished_at: float | None
+    sample_version: str | None = None  # the recipe's EMA model, once there is one
 
     @property
     def finished(self) -> bool:
@@ -189,10 +190,11 @@ class HubStore(ABC):
     @abstractmethod
     def publish(self, round_index: int, new_version: VersionRow, now: float, finished: bool,
                 next_round: tuple[RoundRow, Sequence[ParticipantRow]] | None,
-                events: Sequence[NewEvent]) -> None:
+                events: Sequence[NewEvent], sample: VersionRow | None = None) -> None:
         """In one step: close the round with `new_version` as its result, make it the current
         global version, and either finish the federation, open the next round, or leave the
-        next round pending (next_round None and not finished)."""
+        next round pending (next_round None and not finished). `sample`, when given, becomes
+        the model clients sample from (the recipe's EMA of the global model)."""
 
     # -- uploads and downloads --------------------------------------------------------------
 

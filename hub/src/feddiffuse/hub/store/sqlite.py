@@ -7,6 +7,7 @@ shared by the hub's threads behind a lock; every public method is one transactio
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,9 @@ from .base import (
     VersionRow,
 )
 
-SCHEMA_VERSION = 1
+# 2: federation.recipe (the training recipe as JSON) and federation.sample_version (the
+# recipe's EMA of the global model, which clients sample from; NULL: the global itself).
+SCHEMA_VERSION = 2
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,7 +45,8 @@ CREATE TABLE federation (
     round_timeout_s REAL, seed INTEGER NOT NULL, batch_size INTEGER NOT NULL,
     lr REAL NOT NULL, loss TEXT NOT NULL,
     created_at REAL NOT NULL, current_round INTEGER NOT NULL, current_version TEXT NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    recipe TEXT NOT NULL, sample_version TEXT
 );
 CREATE TABLE tokens (
     name TEXT PRIMARY KEY, role TEXT NOT NULL CHECK (role IN ('admin', 'client')),
@@ -86,6 +90,24 @@ CREATE TABLE events (
 """
 
 
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Schema 1 had no recipe: such a hub trained with the paper's recipe and its lr/loss."""
+    from feddiffuse.shared.recipes import PAPER
+
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        lr, loss, batch = db.execute("SELECT lr, loss, batch_size FROM federation").fetchone()
+        recipe = {**PAPER.to_dict(), "lr": lr, "loss": loss, "batch_size": batch}
+        db.execute("ALTER TABLE federation ADD COLUMN recipe TEXT NOT NULL DEFAULT '{}'")
+        db.execute("ALTER TABLE federation ADD COLUMN sample_version TEXT")
+        db.execute("UPDATE federation SET recipe = ?", (json.dumps(recipe, sort_keys=True),))
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def _segs(value: str) -> tuple[str, ...]:
     return tuple(s for s in value.split(",") if s)
 
@@ -118,6 +140,9 @@ class SqliteStore(HubStore):
                 tx.executescript_parts(_SCHEMA)
         else:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is not None and int(row[0]) == 1:
+                _migrate_1_to_2(db)
+                row = (str(SCHEMA_VERSION),)
             if row is None or int(row[0]) != SCHEMA_VERSION:
                 db.close()
                 raise ValueError(f"{path} has hub schema {row and row[0]}, this hub reads "
@@ -152,9 +177,10 @@ class SqliteStore(HubStore):
             tx.run("INSERT INTO versions VALUES (?, ?, ?, ?)",
                    (initial.version, initial.round, initial.bytes, initial.created_at))
             tx.run("INSERT INTO federation VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, "
-                   "NULL)", (s.name, s.preset, s.method, s.rounds, s.local_epochs,
-                             s.min_clients, s.round_timeout_s, s.seed, s.batch_size, s.lr,
-                             s.loss, now, initial.version))
+                   "NULL, ?, NULL)", (s.name, s.preset, s.method, s.rounds, s.local_epochs,
+                                      s.min_clients, s.round_timeout_s, s.seed, s.batch_size,
+                                      s.lr, s.loss, now, initial.version,
+                                      json.dumps(s.recipe, sort_keys=True)))
             tx.run("INSERT INTO tokens VALUES ('admin', 'admin', ?, ?, NULL)",
                    (admin_token_hash, now))
             _insert_event(tx, NewEvent(now, None, "created",
@@ -163,11 +189,12 @@ class SqliteStore(HubStore):
     def federation(self) -> FederationRow:
         row = self._one("SELECT name, preset, method, rounds, local_epochs, min_clients, "
                         "round_timeout_s, seed, batch_size, lr, loss, created_at, "
-                        "current_round, current_version, finished_at FROM federation")
+                        "current_round, current_version, finished_at, recipe, sample_version "
+                        "FROM federation")
         if row is None:
             raise LookupError("the hub database holds no federation")
-        settings = FederationSettings(*row[:11])
-        return FederationRow(settings, row[11], row[12], row[13], row[14])
+        settings = FederationSettings(*row[:11], recipe=json.loads(row[15]))
+        return FederationRow(settings, row[11], row[12], row[13], row[14], row[16])
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -268,7 +295,7 @@ class SqliteStore(HubStore):
 
     def publish(self, round_index: int, new_version: VersionRow, now: float, finished: bool,
                 next_round: tuple[RoundRow, Sequence[ParticipantRow]] | None,
-                events: Sequence[NewEvent]) -> None:
+                events: Sequence[NewEvent], sample: VersionRow | None = None) -> None:
         v = new_version
         with self._tx() as tx:
             status = tx.run("SELECT status FROM rounds WHERE round = ?",
@@ -279,6 +306,10 @@ class SqliteStore(HubStore):
                    (v.version, v.round, v.bytes, v.created_at))
             tx.run(f"UPDATE rounds SET status = '{CLOSED}', closed_at = ?, result_version = ? "
                    "WHERE round = ?", (now, v.version, round_index))
+            if sample is not None:
+                tx.run("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)",
+                       (sample.version, sample.round, sample.bytes, sample.created_at))
+                tx.run("UPDATE federation SET sample_version = ?", (sample.version,))
             if finished:
                 tx.run("UPDATE federation SET current_version = ?, finished_at = ?",
                        (v.version, now))

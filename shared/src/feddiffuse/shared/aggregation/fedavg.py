@@ -18,7 +18,13 @@ from .base import AggregationStrategy, SegmentedUpdate
 class FedAvg(AggregationStrategy):
     name = "fedavg"
 
-    def __init__(self) -> None:
+    def __init__(self, server_lr: float = 1.0) -> None:
+        # The server's step size: global += server_lr * weighted mean delta. 1.0 is plain
+        # FedAvg (McMahan et al.); above 1 it extrapolates along the clients' mean update
+        # (the server learning rate of Reddi et al. 2021, "Adaptive Federated Optimization").
+        if not server_lr > 0:
+            raise ValueError("the server learning rate must be positive")
+        self.server_lr = float(server_lr)
         self._global: Mapping[str, torch.Tensor] | None = None
         self._segment_of: Mapping[str, str] = {}
         self._names_by_segment: dict[str, list[str]] = {}
@@ -63,7 +69,10 @@ class FedAvg(AggregationStrategy):
                 out[name] = value
             else:
                 # In place: the running sum becomes the new tensor (no extra model copy).
-                out[name] = self._sums[name].div_(float(total)).add_(value.to(torch.float32))
+                mean = self._sums[name].div_(float(total))
+                if self.server_lr != 1.0:
+                    mean.mul_(self.server_lr)
+                out[name] = mean.add_(value.to(torch.float32))
         self._sums = {}
         return out
 

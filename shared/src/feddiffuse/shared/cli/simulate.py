@@ -10,6 +10,7 @@ import typer
 from ..cli_errors import user_errors
 from ..evaluation import DEFAULT_METRICS
 from ..methods import METHODS
+from ..recipes import DEFAULT_RECIPE, RECIPE_HELP
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
 from .evaluate import INCEPTION_HELP, METRICS_HELP
@@ -32,14 +33,18 @@ def simulate(
     limit: Annotated[int | None, typer.Option(help="Use a random subset of N images.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "runs/simulate",
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
     batch_size: Annotated[int | None, typer.Option(
-        help="Batch size (default: the preset's, 128 or 64).")] = None,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
-    loss: Annotated[str, typer.Option(help="huber or mse.")] = "huber",
+        help="Batch size (default: the recipe's, else the preset's, 128 or 64).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Peak learning rate (default: the recipe's).")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="huber or mse (default: the recipe's).")] = None,
     device: Annotated[str, typer.Option(help=f"{', '.join(DEVICE_CHOICES)}.")] = "auto",
     channels_last: Annotated[bool, typer.Option(
         help="channels_last memory format (default: on; 1.1-1.5x faster on CPUs).")] = True,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast in training.")] = False,
+    bf16: Annotated[bool | None, typer.Option(
+        "--bf16/--no-bf16", help="bf16 autocast in training (default: the recipe's).")] = None,
     samples: Annotated[int, typer.Option(help="Images in samples.png (0: none).")] = 64,
     sample_steps: Annotated[int, typer.Option(help="DDIM steps for samples.png.")] = 50,
     eval_samples: Annotated[int, typer.Option(
@@ -59,7 +64,7 @@ def simulate(
             preset=preset, dataset=dataset, method=method, clients=clients, rounds=rounds,
             local_epochs=local_epochs, split=split, beta=beta, seed=seed,
             partition_seed=partition_seed, limit=limit, data_dir=data_dir, out=out,
-            batch_size=batch_size, lr=lr, loss=loss, device=device,
+            recipe=recipe, batch_size=batch_size, lr=lr, loss=loss, device=device,
             channels_last=channels_last, bf16=bf16, sample_count=samples,
             sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,
             eval_metrics=eval_metrics, eval_personal=eval_personal,
