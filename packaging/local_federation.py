@@ -3,6 +3,7 @@
 
     python packaging/local_federation.py [--clients 3] [--split iid] [--method usplit]
         [--rounds 2] [--local-epochs 1] [--limit 192] [--seed 0] [--out local-federation]
+        [--recipe fast] [--eval-samples 0] [--replace]
 
 What it does, with the installed commands (feddiffuse, feddiffuse-hub, feddiffuse-client):
 
@@ -14,14 +15,18 @@ What it does, with the installed commands (feddiffuse, feddiffuse-hub, feddiffus
 3. one `feddiffuse-client join` process per client trains on its folder (its state
    under OUT/clients/<name>, its output in OUT/logs/<name>.log) until the federation ends;
 4. the script polls `feddiffuse-hub status OUT/hub --json`, prints a line per round, and at
-   the end prints the hub's status table, exports the global model to OUT/global.safetensors
-   (`feddiffuse-hub export`) and writes a grid of samples to OUT/samples.png
-   (`feddiffuse-client sample` with client-00's state: the global model plus its personal
-   segments, if the method keeps any).
+   the end prints the hub's status table, exports the model to sample from to
+   OUT/global.safetensors (`feddiffuse-hub export`: the recipe's EMA of the global model)
+   and writes a grid of samples to OUT/samples.png (`feddiffuse-client sample` with
+   client-00's state: the model it fetched when the federation finished, plus its personal
+   segments, if the method keeps any);
+5. with --eval-samples N, `feddiffuse evaluate` scores N samples of OUT/global.safetensors
+   with fd_fmnist and KID and prints them beside the real-vs-real floor.
 
-The default run (tiny preset, 3 clients x 64 images, 2 rounds of 1 local epoch) takes a few
-minutes on two CPU cores. Every child process is stopped when the script ends, on an error or
-on Ctrl-C. Fashion-MNIST must be installed (/usr/share/datasets/fashion-mnist, or --data-dir).
+`make demo` runs it with the settings of the README's demo. The default run (tiny preset,
+3 clients x 64 images, 2 rounds of 1 local epoch) takes about a minute on two CPU cores.
+Every child process is stopped when the script ends, on an error or on Ctrl-C. Fashion-MNIST
+must be installed (`feddiffuse fetch-data`, or --data-dir).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +44,7 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+HEARTBEAT_S = 15.0  # a progress line at least this often while a round trains
 
 
 def command(name: str) -> str:
@@ -115,7 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=192,
                    help="Fashion-MNIST images in all, shared among the clients (default 192)")
     p.add_argument("--batch-size", type=int, default=32, help="clients' batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="clients' learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="clients' peak learning rate (default: the recipe's)")
+    p.add_argument("--recipe", default="fast", help="training recipe: fast or paper")
     p.add_argument("--seed", type=int, default=0, help="partition and hub seed (default 0)")
     p.add_argument("--min-clients", type=int, default=None,
                    help="quorum of a round (default: all K)")
@@ -124,16 +133,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST")
     p.add_argument("--samples", type=int, default=16, help="images in the sample grid")
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the samples")
+    p.add_argument("--eval-samples", type=int, default=0,
+                   help="score this many DDIM-50 samples of the final model with fd_fmnist "
+                        "and KID (default 0: no evaluation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--timeout", type=float, default=3600,
                    help="give up after this many seconds (default 3600)")
     p.add_argument("--out", type=Path, default=Path("local-federation"),
                    help="a new or empty output folder (default ./local-federation)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace OUT if it holds an earlier run of this script")
     args = p.parse_args(argv)
     if args.clients < 1 or args.rounds < 1 or args.local_epochs < 1:
         p.error("--clients, --rounds and --local-epochs must be at least 1")
+    if args.eval_samples < 0 or args.eval_samples == 1:
+        p.error("--eval-samples must be 0 (no evaluation) or at least 2")
     if args.out.exists() and any(args.out.iterdir()):
-        p.error(f"{args.out} is not empty; give a new folder with --out")
+        if not args.replace:
+            p.error(f"{args.out} is not empty; give a new folder with --out (or --replace)")
+        if not (args.out / "hub").is_dir() or not (args.out / "logs").is_dir():
+            p.error(f"{args.out} does not hold an earlier run of this script; not replacing "
+                    "it")
+        shutil.rmtree(args.out)
     return args
 
 
@@ -167,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--method", args.method, "--rounds", str(args.rounds), "--local-epochs",
                 str(args.local_epochs), "--min-clients", str(args.min_clients or args.clients),
                 "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-                "--lr", str(args.lr), "--name", "local-federation"]
+                "--recipe", args.recipe, "--name", "local-federation"]
+        if args.lr is not None:
+            init += ["--lr", str(args.lr)]
         if args.round_timeout is not None:
             init += ["--round-timeout", str(args.round_timeout)]
         admin = last_token(run(init, env))
@@ -186,26 +209,42 @@ def main(argv: list[str] | None = None) -> int:
                                tokens[n], "--data", str(data / n), "--device", "cpu", "--wait"],
                            logs / f"{n}.log", child_env(args.threads, out / "clients" / n))
 
-        print(f"[4/5] training: {args.rounds} round(s) of {args.method} on {args.preset}")
+        print(f"[4/5] training: {args.rounds} round(s) of {args.method} on {args.preset}, "
+              f"recipe {args.recipe} (logs in {logs})")
         wait_until_finished(hub_dir, children, env, started + args.timeout, started)
         run([command("feddiffuse-hub"), "status", str(hub_dir)], env, echo=True)
 
         model = out / "global.safetensors"
         grid = out / "samples.png"
-        print(f"[5/5] exporting the global model and sampling {args.samples} images")
-        run([command("feddiffuse-hub"), "export", str(hub_dir), str(model)], env)
+        print(f"[5/5] exporting the model and sampling {args.samples} images")
+        run([command("feddiffuse-hub"), "export", str(hub_dir), str(model)], env, echo=True)
         for n in names:  # they leave on their own once the federation is finished
             try:
                 children.procs[n].wait(60)
             except subprocess.TimeoutExpired:
                 pass
+        all_threads = os.cpu_count() or 1  # training is over: sampling may use every core
         run([command("feddiffuse-client"), "sample", "--n", str(args.samples), "--steps",
              str(args.sample_steps), "--out", str(grid), "--device", "cpu"],
-            child_env(args.threads, out / "clients" / names[0]))
+            child_env(all_threads, out / "clients" / names[0]), echo=True)
+        quality = None
+        if args.eval_samples:
+            print(f"      scoring {args.eval_samples} DDIM-50 samples of {model.name} "
+                  "(feddiffuse evaluate) ...", flush=True)
+            ev_args = [command("feddiffuse"), "evaluate", "--checkpoint", str(model),
+                       "--dataset", "fashion-mnist", "--samples", str(args.eval_samples),
+                       "--metrics", "fd_fmnist,kid", "--device", "cpu", "--json"]
+            if args.data_dir:
+                ev_args += ["--data-dir", args.data_dir]
+            quality = json.loads(run(ev_args, child_env(all_threads)))
+            (out / "evaluation.json").write_text(json.dumps(quality, indent=2) + "\n")
         version = hashlib.sha256(model.read_bytes()).hexdigest()
         print(f"\nDone in {time.monotonic() - started:.0f} s. Outputs:")
         print(f"  global model  {model} (version {version[:16]}...)")
         print(f"  samples       {grid} ({names[0]}'s model)")
+        if quality is not None:
+            for line in quality_lines(quality):
+                print(f"  {line}")
         print(f"  hub           {hub_dir} (feddiffuse-hub status {hub_dir})")
         print(f"  logs          {logs}")
         print(f"  client data   {data}")
@@ -217,9 +256,24 @@ def main(argv: list[str] | None = None) -> int:
         children.stop_all()
 
 
+def quality_lines(report: dict) -> list[str]:
+    """`feddiffuse evaluate --json` as lines: each metric beside its real-vs-real floor."""
+    metrics = report.get("metrics") or report.get("evaluation", {}).get("metrics", {})
+    lines = []
+    for name, m in metrics.items():
+        if m.get("value") is None:
+            continue
+        floor = m.get("real_vs_real")
+        lines.append(f"{name:<13} {m['value']:.4g} on {m.get('samples')} samples "
+                     f"(real-vs-real floor {'n/a' if floor is None else f'{floor:.4g}'}; "
+                     "lower is better)")
+    return lines
+
+
 def wait_until_finished(hub_dir: Path, children: Children, env: dict[str, str],
                         deadline: float, started: float) -> dict:
     seen: set[int] = set()
+    last_beat = time.monotonic()
     while True:
         for name, proc in children.procs.items():
             if proc.poll() is not None and proc.returncode != 0:
@@ -234,9 +288,18 @@ def wait_until_finished(hub_dir: Path, children: Children, env: dict[str, str],
                 print(f"  round {h['round']} closed after {time.monotonic() - started:.0f} s: "
                       f"{len(h['reported'])}/{len(h['participants'])} reported, "
                       f"mean loss {loss if loss is None else f'{loss:.4f}'}, "
-                      f"{h['bytes_in'] / 1e6:.2f} MB in, {h['bytes_out'] / 1e6:.2f} MB out")
+                      f"{h['bytes_in'] / 1e6:.2f} MB in, {h['bytes_out'] / 1e6:.2f} MB out",
+                      flush=True)
+                last_beat = time.monotonic()
         if status["federation"]["finished"]:
             return status
+        now = time.monotonic()
+        current = status.get("current")
+        if current is not None and now - last_beat >= HEARTBEAT_S:
+            last_beat = now
+            print(f"  round {current['round']}/{status['federation']['rounds']} training: "
+                  f"{len(current['reported'])}/{len(current['participants'])} reported "
+                  f"({now - started:.0f} s)", flush=True)
         if time.monotonic() > deadline:
             raise SystemExit("timed out waiting for the federation; see the logs")
         time.sleep(2.0)

@@ -3,31 +3,29 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
 def fashion_mnist_available() -> bool:
-    return (FMNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file()
+    from feddiffuse.shared.data.install import found
+
+    return found() is not None
 
 
 def check_fashion_mnist_installed() -> None:
-    """Tests that need the real data: skipped locally without it, but failed in CI."""
+    """Tests that need the real data fail without it (`make test` fetches it first): a
+    skipped test would hide what it checks."""
     if not fashion_mnist_available():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install the Debian package dataset-fashion-mnist")
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+        pytest.fail("Fashion-MNIST is not installed: run `make data` (feddiffuse fetch-data), "
+                    "or apt-get install dataset-fashion-mnist")
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "requires_fmnist: needs the real Fashion-MNIST files (mandatory in CI)")
+        "markers", "requires_fmnist: needs the real Fashion-MNIST files (fails without them)")
 
 
 def pytest_runtest_setup(item):

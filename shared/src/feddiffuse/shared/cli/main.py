@@ -7,6 +7,7 @@ import typer
 from .comm import comm
 from .evaluate import evaluate
 from .experiment import experiment
+from .fetch_data import fetch_data
 from .info import info
 from .partition import partition
 from .simulate import simulate
@@ -24,6 +25,7 @@ app.command()(partition)
 app.command()(simulate)
 app.command()(evaluate)
 app.command()(experiment)
+app.command(name="fetch-data")(fetch_data)
 
 
 def main() -> None:
