@@ -51,6 +51,8 @@ VARIANTS: dict[str, Recipe] = {
     "fast-keep-optimizer": replace(FAST, name="fast-keep-optimizer", keep_optimizer=True),
     "fast-keep-optimizer-batch16": replace(FAST, name="fast-keep-optimizer-batch16",
                                            keep_optimizer=True, batch_size=16),
+    "fast-keep-optimizer-batch8": replace(FAST, name="fast-keep-optimizer-batch8",
+                                          keep_optimizer=True, batch_size=8),
     "fast-keep-optimizer-batch16-lr3e-3": replace(
         FAST, name="fast-keep-optimizer-batch16-lr3e-3", keep_optimizer=True, batch_size=16,
         lr=3e-3),
