@@ -22,8 +22,8 @@ data: $(STAMP)
 # A real federation on loopback: one feddiffuse-hub and three feddiffuse-client processes,
 # each client training on its own folder of PNG files; writes runs/demo/.
 demo: $(STAMP) data
-	$(BIN)/python -u packaging/local_federation.py --clients 3 --method usplit --split iid \
-		--limit 6000 --rounds 8 --local-epochs 1 --batch-size 64 --recipe fast \
+	$(BIN)/python -u packaging/local_federation.py --clients 3 --method full --split iid \
+		--limit 4500 --rounds 8 --local-epochs 1 --recipe fast \
 		--samples 64 --sample-steps 50 --eval-samples 500 --out runs/demo --replace
 
 test: $(STAMP) data

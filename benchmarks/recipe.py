@@ -34,7 +34,7 @@ from feddiffuse.shared.simulate import SimulationConfig, run_simulation
 # Each variant changes one thing against `fast` (the product's default), plus the paper's
 # recipe and a plain standard one (AdamW 1e-3 with warm-up, MSE, bf16, constant lr, EMA).
 PLAIN = Recipe(name="plain", optimizer="adamw", lr=1e-3, warmup_steps=100, loss="mse",
-               bf16=True, ema_decay=0.5, batch_size=FAST.batch_size)
+               bf16=True, ema_decay=0.5, batch_size=128)
 VARIANTS: dict[str, Recipe] = {
     "paper": PAPER,
     "plain": PLAIN,

@@ -121,7 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs (default 1)")
     p.add_argument("--limit", type=int, default=192,
                    help="Fashion-MNIST images in all, shared among the clients (default 192)")
-    p.add_argument("--batch-size", type=int, default=32, help="clients' batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="clients' batch size (default: the recipe's)")
     p.add_argument("--lr", type=float, default=None,
                    help="clients' peak learning rate (default: the recipe's)")
     p.add_argument("--recipe", default="fast", help="training recipe: fast or paper")
@@ -187,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         init = [command("feddiffuse-hub"), "init", str(hub_dir), "--preset", args.preset,
                 "--method", args.method, "--rounds", str(args.rounds), "--local-epochs",
                 str(args.local_epochs), "--min-clients", str(args.min_clients or args.clients),
-                "--seed", str(args.seed), "--batch-size", str(args.batch_size),
-                "--recipe", args.recipe, "--name", "local-federation"]
+                "--seed", str(args.seed), "--recipe", args.recipe,
+                "--name", "local-federation"]
+        if args.batch_size is not None:
+            init += ["--batch-size", str(args.batch_size)]
         if args.lr is not None:
             init += ["--lr", str(args.lr)]
         if args.round_timeout is not None:
