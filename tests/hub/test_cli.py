@@ -59,8 +59,12 @@ def test_token_create_list_revoke(tmp_path):
 
 
 def test_status_and_export_after_a_round(tmp_path, kit):
+    from dataclasses import replace
+
+    from feddiffuse.shared.recipes import FAST
+
     setup = kit.make_hub(tmp_path / "hub", method="usplit", rounds=2, min_clients=2,
-                         timeout=600)
+                         timeout=600, recipe=replace(FAST, ema_decay=0.5).to_dict())
     with Hub.open(setup.root, serve=True) as hub:
         http = kit.test_client(hub)
         for c, t in setup.tokens.items():
@@ -83,8 +87,8 @@ def test_status_and_export_after_a_round(tmp_path, kit):
     assert sha256_hex(out.read_bytes()) == report.current.global_version
     model, meta = load_model(out)
     assert meta["feddiffuse.preset"] == "tiny" and meta["feddiffuse.round"] == "2"
-    # By default the model to sample from: the default recipe's EMA of the global model,
-    # which after one round is the first aggregate itself (the EMA starts there).
+    # By default the model to sample from: the recipe's EMA of the global model, which
+    # after one round is the first aggregate itself (the EMA starts there).
     ema_out = tmp_path / "sample.safetensors"
     res = run("export", setup.root, ema_out)
     assert res.exit_code == 0 and "EMA of the global model" in res.output, res.output
