@@ -147,6 +147,8 @@ def sample(
         store = _store_for(hub)
         result = sample_grid(store, n, steps, out, device=device, seed=seed)
         typer.echo(f"{result.description}: wrote {result.path}")
+        if result.note:
+            typer.echo(f"Note: {result.note}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ class SampleResult:
     path: Path
     images: torch.Tensor  # float in [-1, 1], N x C x H x W
     description: str
+    note: str | None = None  # what to expect from an early model's samples
 
 
 def rounds_completed(info) -> int | None:
@@ -106,8 +107,5 @@ def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str =
                     "ddim", steps=steps, device=dev, on_step=step)
     path = save_grid(images, out)
     info = store.load_info()
-    description = f"{n} samples from the {what}, DDIM {steps} steps"
-    note = maturity_note(rounds_completed(info), info.rounds)
-    if note:
-        description += f". {note}"
-    return SampleResult(path, images, description)
+    return SampleResult(path, images, f"{n} samples from the {what}, DDIM {steps} steps",
+                        maturity_note(rounds_completed(info), info.rounds))

@@ -100,7 +100,10 @@ class SamplesScreen(Screen):
         except FedDiffuseError as exc:
             self.post_message(self.Done(None, f"Sampling failed: {exc}."))
         else:
-            self.post_message(self.Done(result, f"{result.description}. Saved to {result.path}"))
+            sentence = f"{result.description}. Saved to {result.path}"
+            if result.note:
+                sentence += f". {result.note}"
+            self.post_message(self.Done(result, sentence))
 
     def on_samples_screen_progress(self, message: Progress) -> None:
         self.query_one("#sample-progress", ProgressBar).update(total=message.total,
