@@ -456,11 +456,28 @@ class Participant:
             self.emit(ev.LogEvent(f"Round {manifest.round}: the global model {version[:12]} "
                                   "is already here."))
             return held.tensors
-        dest = self.store.download_path(version, segments)
         expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()
                     if seg_of[n] in want}
         self.emit(ev.PhaseEvent("downloading", f"round {manifest.round}: downloading "
                                 f"{', '.join(segments)} of global model {version[:12]}"))
+        tensors, dest = self._download_checked(version, segments, expected,
+                                               f"downloading global model {version[:12]}")
+        size = dest.stat().st_size
+        merged = self.store.merge_global(tensors, segments, version, manifest.preset,
+                                         manifest.round)
+        self.store.update_info(global_version=version, global_round=manifest.round)
+        self.store.clear_downloads()
+        self.emit(ev.LogEvent(f"Round {manifest.round}: downloaded {', '.join(segments)} "
+                              f"({size / 1e6:.2f} MB), verified."))
+        return merged.tensors
+
+    def _download_checked(self, version: str, segments: tuple[str, ...],
+                          expected: dict[str, tuple[int, ...]], what: str
+                          ) -> tuple[dict[str, torch.Tensor], Path]:
+        """Download (resumably, with retries) and decode `segments` of `version`, checking
+        names, shapes and the version the file names; a corrupt file is deleted and fetched
+        again. Returns the tensors and the file."""
+        dest = self.store.download_path(version, segments)
         progress = self._progress("download")
 
         def fetch() -> dict[str, torch.Tensor]:
@@ -479,15 +496,7 @@ class Participant:
                                       f"{version[:12]}")
             return tensors
 
-        tensors = self._retry(f"downloading global model {version[:12]}", fetch)
-        size = dest.stat().st_size
-        merged = self.store.merge_global(tensors, segments, version, manifest.preset,
-                                         manifest.round)
-        self.store.update_info(global_version=version, global_round=manifest.round)
-        self.store.clear_downloads()
-        self.emit(ev.LogEvent(f"Round {manifest.round}: downloaded {', '.join(segments)} "
-                              f"({size / 1e6:.2f} MB), verified."))
-        return merged.tensors
+        return self._retry(what, fetch), dest
 
     def _fetch_final(self, manifest: Manifest) -> None:
         seg_of = segment_map(build_unet(manifest.preset))
@@ -506,24 +515,11 @@ class Participant:
         assert version is not None
         if self.store.load_info().sample_version == version and self.store.sample_path.is_file():
             return
-        dest = self.store.download_path(version, SEGMENTS)
         expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()}
         self.emit(ev.PhaseEvent("downloading", f"downloading the model to sample from "
                                 f"(the EMA {version[:12]})"))
-        progress = self._progress("download")
-
-        def fetch() -> dict[str, torch.Tensor]:
-            if not dest.is_file():
-                self.hub.download_model(version, SEGMENTS, dest, on_progress=progress,
-                                        should_stop=self.stop.is_set)
-            try:
-                tensors, _meta = decode_tensors(dest.read_bytes(), expected)
-            except WireFormatError as exc:
-                dest.unlink(missing_ok=True)
-                raise DownloadCorrupt(f"the downloaded model is not valid ({exc})") from exc
-            return tensors
-
-        tensors = self._retry(f"downloading the sampling model {version[:12]}", fetch)
+        tensors, _dest = self._download_checked(version, SEGMENTS, expected,
+                                                f"downloading the sampling model {version[:12]}")
         rounds_done = manifest.round if manifest.phase == RoundPhase.FINISHED \
             else manifest.round - 1
         self.store.save_sample_model(tensors, version, manifest.preset, rounds_done)

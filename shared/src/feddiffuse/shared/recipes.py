@@ -32,6 +32,16 @@ LOSSES = ("huber", "mse")
 LOSS_WEIGHTINGS = ("none", "min-snr")
 
 
+def check_choices(settings) -> None:
+    """The optimiser, schedule, loss and weighting of a recipe or a TrainConfig are known."""
+    for label, value, choices in (("optimiser", settings.optimizer, OPTIMIZERS),
+                                  ("learning-rate schedule", settings.lr_schedule, LR_SCHEDULES),
+                                  ("loss", settings.loss, LOSSES),
+                                  ("loss weighting", settings.loss_weighting, LOSS_WEIGHTINGS)):
+        if value not in choices:
+            raise UserError(f"Unknown {label} {value!r}; choose one of: {', '.join(choices)}.")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -56,17 +66,7 @@ class Recipe:
     keep_optimizer: bool = False
 
     def validate(self) -> Recipe:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"Unknown optimiser {self.optimizer!r}; choose one of: "
-                            f"{', '.join(OPTIMIZERS)}.")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"Unknown learning-rate schedule {self.lr_schedule!r}; choose one "
-                            f"of: {', '.join(LR_SCHEDULES)}.")
-        if self.loss not in LOSSES:
-            raise UserError(f"Unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise UserError(f"Unknown loss weighting {self.loss_weighting!r}; choose one of: "
-                            f"{', '.join(LOSS_WEIGHTINGS)}.")
+        check_choices(self)
         if not self.lr > 0:
             raise UserError("--lr must be a positive number.")
         if self.batch_size is not None and self.batch_size < 1:

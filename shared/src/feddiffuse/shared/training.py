@@ -19,7 +19,7 @@ from torch import nn
 from .data.dataset import to_model_range
 from .diffusion import DiffusionSchedule, diffusion_loss, make_generator
 from .errors import UserError
-from .recipes import LOSS_WEIGHTINGS, LOSSES, LR_SCHEDULES, OPTIMIZERS
+from .recipes import check_choices
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
@@ -89,17 +89,7 @@ class TrainConfig:
             raise UserError("Batch size must be at least 1.")
         if not self.lr > 0:
             raise UserError("Learning rate must be positive.")
-        if self.loss not in LOSSES:
-            raise UserError(f"Unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}.")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise UserError(f"Unknown loss weighting {self.loss_weighting!r}; choose one of: "
-                            f"{', '.join(LOSS_WEIGHTINGS)}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"Unknown optimiser {self.optimizer!r}; choose one of: "
-                            f"{', '.join(OPTIMIZERS)}.")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"Unknown learning-rate schedule {self.lr_schedule!r}; choose one "
-                            f"of: {', '.join(LR_SCHEDULES)}.")
+        check_choices(self)
         if self.lr_schedule == "cosine" and not self.total_steps:
             raise UserError("A cosine learning-rate schedule needs the run's total steps.")
         if self.warmup_steps < 0 or self.step_offset < 0 or self.weight_decay < 0:
