@@ -261,9 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def quality_lines(report: dict) -> list[str]:
     """`feddiffuse evaluate --json` as lines: each metric beside its real-vs-real floor."""
-    metrics = report.get("metrics") or report.get("evaluation", {}).get("metrics", {})
     lines = []
-    for name, m in metrics.items():
+    for name, m in report["metrics"].items():
         if m.get("value") is None:
             continue
         floor = m.get("real_vs_real")

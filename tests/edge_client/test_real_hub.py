@@ -73,17 +73,23 @@ class InProcessClient:
         return [e.manifest for e in self.events if isinstance(e, ev.RoundEvent)]
 
 
+def run_to_the_end(clients: list[InProcessClient]) -> None:
+    """Run every client in its own thread until the federation is over; fail on an error."""
+    threads = [c.run_in_thread() for c in clients]
+    for t in threads:
+        t.join(timeout=600)  # a hang fails here; a correct run is far quicker
+        assert not t.is_alive(), "a client thread did not finish"
+    for c in clients:
+        assert c.error is None, repr(c.error)
+
+
 @pytest.mark.parametrize("method", ["full", "usplit", "ulatdec", "udec"])
 def test_two_clients_two_rounds_against_the_hub(method, tmp_path):
     hub = RealHub(tmp_path / "hub", method=method).start_in_thread()
     try:
         clients = [InProcessClient(hub, name, tmp_path) for name in ("alice", "bob")]
-        threads = [c.run_in_thread() for c in clients]
-        for t in threads:
-            t.join(timeout=600)  # a hang fails here; a correct run is far quicker
-            assert not t.is_alive(), "a client thread did not finish"
+        run_to_the_end(clients)
         for c in clients:
-            assert c.error is None, repr(c.error)
             assert c.outcome.finished and c.outcome.rounds_done == [1, 2]
         received = hub.received()
         assert sorted((r.round, r.client) for r in received) == [

@@ -353,15 +353,10 @@ class Participant:
                              decay: float) -> None:
         """Advance the EMA of this client's personal segments by round `r`, once per round
         (a round replayed after a crash does not advance it twice)."""
-        path = self.store.personal_ema_path
-        previous: dict[str, torch.Tensor] | None = None
-        if path.is_file():
-            tensors, meta = load_weights(path)
-            done = read_metadata_value(meta, "round")
-            if done is not None and int(done) >= r:
-                return
-            previous = tensors
-        self.store.save_personal_ema(update_ema(previous, mine, decay), preset, r)
+        previous, done = self.store.load_personal_ema()
+        if done is not None and done >= r:
+            return
+        self.store.save_personal_ema(update_ema(previous or None, mine, decay), preset, r)
 
     def _train(self, model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
                manifest: Manifest, round_dir: Path, record: dict, start_epoch: int,

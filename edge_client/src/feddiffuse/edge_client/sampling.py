@@ -64,7 +64,7 @@ def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
     seg_of = segment_map(model)
     personal_segs = personal_segments(info.method) if info.method else ()
     ema = store.load_sample_model()
-    own = store.load_personal_ema() if ema else {}
+    own = store.load_personal_ema()[0] if ema else {}
     own = own or store.load_personal()
     personal = {n: t for n, t in own.items() if seg_of.get(n) in personal_segs}
     weights = {**(ema or held.tensors), **personal}

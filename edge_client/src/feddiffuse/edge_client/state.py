@@ -236,12 +236,18 @@ class HubStore:
     def personal_ema_path(self) -> Path:
         return self.root / "personal-ema.safetensors"
 
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+        """A weights file kept here and the round its metadata names; ({}, None) if absent."""
+        if not path.is_file():
+            return {}, None
+        tensors, meta = load_weights(path)
+        saved = read_metadata_value(meta, "round")
+        return tensors, None if saved is None else int(saved)
+
     def load_sample_model(self) -> dict[str, torch.Tensor]:
         """The hub's EMA of the global model, when one was fetched."""
-        if not self.sample_path.is_file():
-            return {}
-        tensors, _ = load_weights(self.sample_path)
-        return tensors
+        return self._read(self.sample_path)[0]
 
     def save_sample_model(self, tensors: Mapping[str, torch.Tensor], version: str,
                           preset: str, round_index: int) -> None:
@@ -249,11 +255,9 @@ class HubStore:
                                                  "version": version, "round": round_index})
         self.update_info(sample_version=version, sample_round=round_index)
 
-    def load_personal_ema(self) -> dict[str, torch.Tensor]:
-        if not self.personal_ema_path.is_file():
-            return {}
-        tensors, _ = load_weights(self.personal_ema_path)
-        return tensors
+    def load_personal_ema(self) -> tuple[dict[str, torch.Tensor], int | None]:
+        """The EMA of this client's personal segments, and the last round it took in."""
+        return self._read(self.personal_ema_path)
 
     def save_personal_ema(self, tensors: Mapping[str, torch.Tensor], preset: str,
                           round_index: int) -> None:
@@ -266,13 +270,8 @@ class HubStore:
 
     def load_optimizer(self, before_round: int) -> dict[str, torch.Tensor]:
         """The optimiser state saved after an earlier round than `before_round`, or {}."""
-        if not self.optimizer_path.is_file():
-            return {}
-        tensors, meta = load_weights(self.optimizer_path)
-        saved = read_metadata_value(meta, "round")
-        if saved is None or int(saved) >= before_round:
-            return {}
-        return tensors
+        tensors, saved = self._read(self.optimizer_path)
+        return tensors if saved is not None and saved < before_round else {}
 
     def save_optimizer(self, tensors: Mapping[str, torch.Tensor], preset: str,
                        round_index: int) -> None:
@@ -280,10 +279,7 @@ class HubStore:
                                                     "round": round_index})
 
     def load_personal(self) -> dict[str, torch.Tensor]:
-        if not self.personal_path.is_file():
-            return {}
-        tensors, _ = load_weights(self.personal_path)
-        return tensors
+        return self._read(self.personal_path)[0]
 
     def save_personal(self, tensors: Mapping[str, torch.Tensor], preset: str, round_index: int,
                       segments: tuple[str, ...]) -> None:

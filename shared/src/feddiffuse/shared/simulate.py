@@ -11,7 +11,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,9 +69,7 @@ class SimulationConfig:
         """The recipe with this run's explicit overrides."""
         recipe = get_recipe(self.recipe).with_overrides(
             lr=self.lr, loss=self.loss, bf16=self.bf16, batch_size=self.batch_size)
-        if recipe.channels_last != self.channels_last:
-            recipe = Recipe(**{**recipe.to_dict(), "channels_last": self.channels_last})
-        return recipe
+        return replace(recipe, channels_last=self.channels_last)
 
     def validate(self) -> None:
         get_preset(self.preset)
