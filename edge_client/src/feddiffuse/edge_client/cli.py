@@ -73,6 +73,10 @@ def join(
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu "
                                                     "(default: the last one used, else auto).")
                       ] = None,
+    ca_cert: Annotated[Path | None, typer.Option(
+        "--ca-cert", help="A PEM file of the certificate authority that signed the hub's TLS "
+                          "certificate, for a hub with a private or self-signed certificate "
+                          "(remembered for this hub).")] = None,
     once: Annotated[bool, typer.Option("--once", help="Do a single round, then exit.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Keep trying when a hub never reached "
                                                       "before is down (a known hub is "
@@ -94,8 +98,8 @@ def join(
         from .settings import Settings
 
         settings = Settings.load()
-        request = resolve(JoinRequest(hub, token, str(data) if data else None, device or ""),
-                          settings)
+        request = resolve(JoinRequest(hub, token, str(data) if data else None, device or "",
+                                      str(ca_cert) if ca_cert else None), settings)
         backoff = Backoff(initial=backoff_initial, maximum=max(backoff_max, backoff_initial),
                           max_attempts=max_retries)
         reporter = ConsoleReporter()
@@ -112,7 +116,8 @@ def join(
         options = ParticipantOptions(data_dir=joined.data_dir, device=joined.device, once=once,
                                      backoff=backoff, poll_s=poll,
                                      poll_max_s=max(poll, backoff.maximum))
-        with joined.store.lock(), make_hub_client(joined.url, joined.token) as client:
+        with joined.store.lock(), make_hub_client(joined.url, joined.token,
+                                                    ca_cert=joined.ca_cert) as client:
             outcome = Participant(client, joined.store, options, reporter, stop).run()
         if outcome.finished:
             reporter.line("The federation is finished; `feddiffuse-client sample` draws "

@@ -8,6 +8,7 @@
         HubLocked                   another client process is running for this hub
       HubError                      talking to the hub went wrong
         HubUnavailable              refused, DNS, timeout, 5xx, a transfer cut off: retried
+        CertificateUntrusted        TLS: the hub's certificate is not trusted (never retried)
         DownloadCorrupt             a download does not match its sha256: retried from scratch
         HubRejected                 the hub refused a request (4xx with an ErrorBody)
           RoundMovedOn              409 and friends: fetch the manifest and rejoin the round
@@ -24,6 +25,7 @@ from feddiffuse.shared.errors import FedDiffuseError, UserError
 
 __all__ = [
     "Cancelled",
+    "CertificateUntrusted",
     "DownloadCorrupt",
     "FederationFinished",
     "HubError",
@@ -56,6 +58,10 @@ class HubUnavailable(HubError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CertificateUntrusted(HubError, UserError):
+    """The hub's TLS certificate is not signed by a CA this client trusts (--ca-cert)."""
 
 
 class HubUnreachable(UserError):

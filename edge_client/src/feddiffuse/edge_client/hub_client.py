@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from feddiffuse.shared.protocol import (
 
 from .errors import (
     Cancelled,
+    CertificateUntrusted,
     DownloadCorrupt,
     FederationFinished,
     HubError,
@@ -69,6 +71,11 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _translate(exc: httpx.HTTPError, url: str) -> HubError:
     """The one place where httpx's transport errors become the client's errors."""
+    if _certificate_failure(exc):
+        return CertificateUntrusted(
+            f"The hub at {url} presented a certificate this machine does not trust "
+            f"({_certificate_failure(exc)}); pass --ca-cert FILE with the certificate of the "
+            "authority that signed it (ask the hub operator).")
     if isinstance(exc, httpx.ConnectTimeout):
         return HubUnavailable(f"the hub at {url} did not accept a connection in time")
     if isinstance(exc, httpx.TimeoutException):
@@ -85,6 +92,27 @@ def _translate(exc: httpx.HTTPError, url: str) -> HubError:
     if isinstance(exc, httpx.TransportError):
         return HubUnavailable(f"network error talking to the hub at {url}: {exc}")
     return HubUnavailable(f"HTTP error talking to the hub at {url}: {exc}")
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The verifier's reason when `exc` (or what caused it) is a failed certificate check."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or "certificate verify failed"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = text.split("certificate verify failed:", 1)[-1].strip(" ()_")
+        return detail.split(" (_ssl")[0] or "certificate verify failed"
+    return None
+
+
+def tls_verify(ca_cert: str | Path | None) -> ssl.SSLContext | bool:
+    """What httpx verifies a hub's certificate with: the system's CAs, or those in `ca_cert`."""
+    if ca_cert is None:
+        return True
+    return ssl.create_default_context(cafile=str(ca_cert))
 
 
 def _error_from_response(response: httpx.Response, url: str) -> HubError:
@@ -129,12 +157,14 @@ class HubClient:
     """A thin, typed client of one hub."""
 
     def __init__(self, url: str, token: str | None = None, *, http: httpx.Client | None = None,
-                 transport: httpx.BaseTransport | None = None, timeout: float = 30.0) -> None:
+                 transport: httpx.BaseTransport | None = None, timeout: float = 30.0,
+                 ca_cert: str | Path | None = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self._owns_http = http is None
         self._http = http or httpx.Client(
             transport=transport,
+            verify=tls_verify(ca_cert),
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             headers={"User-Agent": f"feddiffuse-client/{_client_version()}"},
             follow_redirects=True,

@@ -5,6 +5,8 @@ Each check raises SetupError with one sentence that says what to do, and writes 
 
 from __future__ import annotations
 
+import ssl
+
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,6 +126,22 @@ def scan_image_folder(path: str | Path, max_probe: int = 400) -> FolderScan:
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
             continue
     return scan
+
+
+def check_ca_cert(path: str | Path | None) -> Path | None:
+    """The CA certificate file to trust for a hub, checked to load; None when none is given."""
+    if path is None or not str(path).strip():
+        return None
+    cert = Path(str(path).strip()).expanduser()
+    if not cert.is_file():
+        raise SetupError(f"The CA certificate {cert} does not exist; give the PEM file of the "
+                         "authority that signed the hub's certificate.")
+    try:
+        ssl.create_default_context(cafile=str(cert))
+    except (ssl.SSLError, OSError, ValueError):
+        raise SetupError(f"{cert} is not a PEM certificate file; give the PEM file of the "
+                         "authority that signed the hub's certificate.") from None
+    return cert.resolve()
 
 
 def check_folder_exists(path: str | Path | None) -> Path:

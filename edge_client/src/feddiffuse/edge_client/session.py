@@ -18,7 +18,13 @@ from feddiffuse.shared.protocol import PROTOCOL_VERSION, FederationInfo, Manifes
 from .backoff import Backoff, call_with_retry
 from .errors import HubUnavailable, HubUnreachable, SetupError
 from .hub_client import HubClient
-from .inputs import FolderScan, check_image_folder, check_token, normalize_hub_url
+from .inputs import (
+    FolderScan,
+    check_ca_cert,
+    check_image_folder,
+    check_token,
+    normalize_hub_url,
+)
 from .participant import describe_device
 from .settings import Settings
 from .state import HubStore
@@ -32,6 +38,7 @@ class JoinRequest:
     token: str | None
     data_dir: str | None
     device: str = "auto"
+    ca_cert: str | None = None  # a CA certificate to trust for this hub (a private CA)
 
 
 @dataclass
@@ -44,22 +51,24 @@ class Joined:
     scan: FolderScan
     store: HubStore
     federation: FederationInfo | None  # None when a known hub was not asked again
+    ca_cert: Path | None = None
 
 
 def make_hub_client(url: str, token: str | None, http_factory: HttpFactory | None = None,
-                    timeout: float = 30.0) -> HubClient:
+                    timeout: float = 30.0, ca_cert: str | Path | None = None) -> HubClient:
     if http_factory is not None:
         return HubClient(url, token, http=http_factory())
-    return HubClient(url, token, timeout=timeout)
+    return HubClient(url, token, timeout=timeout, ca_cert=ca_cert)
 
 
 def first_contact(url: str, token: str, *, http_factory: HttpFactory | None = None,
                   wait: bool = False, backoff: Backoff | None = None,
                   stop: threading.Event | None = None, on_retry=None,
-                  ) -> tuple[FederationInfo, Manifest]:
+                  ca_cert: str | Path | None = None) -> tuple[FederationInfo, Manifest]:
     """Ask the hub who it is and whether it accepts the token (HubUnreachable if it is down,
-    TokenRejected if the token is wrong). With `wait`, keep trying until it is up."""
-    with make_hub_client(url, token, http_factory, timeout=15.0) as hub:
+    CertificateUntrusted if its TLS certificate is not trusted, TokenRejected if the token is
+    wrong). With `wait`, keep trying until it is up."""
+    with make_hub_client(url, token, http_factory, timeout=15.0, ca_cert=ca_cert) as hub:
         def ask() -> tuple[FederationInfo, Manifest]:
             return hub.federation(), hub.manifest()
 
@@ -99,7 +108,8 @@ def resolve(request: JoinRequest, settings: Settings) -> JoinRequest:
     data = request.data_dir or settings.data_dir
     if not data:
         raise SetupError("No image folder given; pass --data with the folder of your images.")
-    return JoinRequest(url, token, data, request.device or settings.device or "auto")
+    ca_cert = request.ca_cert or HubStore(url).load_info().ca_cert
+    return JoinRequest(url, token, data, request.device or settings.device or "auto", ca_cert)
 
 
 def join(request: JoinRequest, *, http_factory: HttpFactory | None = None, wait: bool = False,
@@ -109,17 +119,22 @@ def join(request: JoinRequest, *, http_factory: HttpFactory | None = None, wait:
     settings = settings or Settings.load()
     url = normalize_hub_url(request.hub_url)
     token = check_token(request.token)
+    ca_cert = check_ca_cert(request.ca_cert)
     scan = check_image_folder(request.data_dir)
     device, reason = describe_device(request.device or "auto")
     store = HubStore(url)
-    known = store.exists() and store.read_token() == token
+    known = (store.exists() and store.read_token() == token
+             and store.load_info().ca_cert == (str(ca_cert) if ca_cert else None))
     federation = None
     if not known:
         federation, manifest = first_contact(url, token, http_factory=http_factory, wait=wait,
-                                             backoff=backoff, stop=stop, on_retry=on_retry)
+                                             backoff=backoff, stop=stop, on_retry=on_retry,
+                                             ca_cert=ca_cert)
     # Every check passed: now write.
     store.ensure()
     store.write_token(token)
+    if store.exists() or ca_cert is not None:
+        store.update_info(url=url, ca_cert=str(ca_cert) if ca_cert else None)
     if federation is not None and store.load_info().global_version is None:
         # Once weights are held, the participant compares the federation with what it knows.
         store.update_info(url=url, federation=federation.name, preset=federation.preset,
@@ -129,4 +144,4 @@ def join(request: JoinRequest, *, http_factory: HttpFactory | None = None, wait:
                                           "device": request.device or "auto"})
     updated.save()
     return Joined(url, token, scan.path, request.device or "auto", f"{device} ({reason})", scan,
-                  store, federation)
+                  store, federation, ca_cert)

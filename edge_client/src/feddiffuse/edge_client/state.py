@@ -67,6 +67,7 @@ class HubInfo(BaseModel):
     finished: bool = False
     sample_version: str | None = None  # the version of sample.safetensors (the hub's EMA)
     sample_round: int | None = None  # rounds completed when that model was made
+    ca_cert: str | None = None  # a CA certificate file to trust for this hub (--ca-cert)
     joined_at: str | None = None
     updated_at: str | None = None
 
@@ -87,6 +88,21 @@ def hub_slug(url: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def known_hubs(home: Path | None = None) -> list[HubInfo]:
+    """Every hub this machine has joined (holds a token for), most recently used first."""
+    root = (home or client_home()) / "hubs"
+    found: list[HubInfo] = []
+    for folder in sorted(root.glob("*/hub.json")) if root.is_dir() else []:
+        try:
+            info = HubInfo.model_validate_json(folder.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if (folder.parent / "token").is_file():
+            found.append(info)
+    found.sort(key=lambda i: i.updated_at or i.joined_at or "", reverse=True)
+    return found
 
 
 class HubStore:

@@ -17,7 +17,8 @@ def status_lines(store: HubStore, ask_hub: bool = True, http=None) -> list[tuple
     if ask_hub:
         token = store.read_token()
         try:
-            with HubClient(store.url, token, http=http, timeout=5.0) as hub:
+            with HubClient(store.url, token, http=http, timeout=5.0,
+                           ca_cert=info.ca_cert) as hub:
                 m = hub.manifest()
             uploads = ", ".join(m.upload_segments) or "-"
             lines.append(("hub round", f"{m.round} of {m.rounds}, {m.phase}"

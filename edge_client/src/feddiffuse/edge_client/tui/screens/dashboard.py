@@ -146,7 +146,8 @@ class Dashboard(Screen):
         try:
             # A dashboard left a moment ago may still be stopping its own loop: wait for it.
             with joined.store.lock(wait_s=15.0), make_hub_client(
-                    joined.url, joined.token, self.app.http_factory) as hub:  # type: ignore
+                    joined.url, joined.token, self.app.http_factory,  # type: ignore
+                    ca_cert=joined.ca_cert) as hub:
                 outcome: RunOutcome = Participant(hub, joined.store, options, emit, stop).run()
         except Cancelled as exc:
             self.post_message(self.Stopped("cancelled", f"Stopped: {exc}."))
