@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ def test_folder_scan_counts_usable_images_and_sizes(image_dir, tmp_path):
     assert "16 usable images" in text and "28x28" in text and "unreadable" in text
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SetupError, match="No PNG or JPEG images"):
+    with pytest.raises(SetupError, match="No images found"):
         check_image_folder(empty)
     with pytest.raises(SetupError, match="does not exist"):
         check_image_folder(tmp_path / "nope")
@@ -116,3 +118,102 @@ def test_one_process_per_hub(tmp_path):
                 "except Exception as e:\n    print(type(e).__name__)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.stdout.strip() == HubLocked.__name__
+
+
+def _real_world_folder(root):
+    """A photo archive as people have them: the owner's images in many formats, plus the
+    hidden and thumbnail folders that tools write, an AppleDouble file and a broken file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def grey(side=28):
+        return Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8))
+
+    def colour(w=48, h=40):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    root.mkdir()
+    for i in range(10):
+        grey().save(root / f"grey_{i}.png")
+    for i in range(4):
+        colour().save(root / f"photo_{i}.jpg")
+    colour().save(root / "scan.bmp")
+    colour().save(root / "page.tiff")
+    colour().save(root / "web.webp")
+    grey().save(root / "still.gif")
+    frames = [grey() for _ in range(3)]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    rgba = Image.fromarray(rng.integers(0, 255, (28, 28, 4), dtype=np.uint8), "RGBA")
+    (root / "album").mkdir()
+    rgba.save(root / "album" / "logo.png")
+    (root / ".thumbnails").mkdir()
+    for i in range(5):
+        grey(8).save(root / ".thumbnails" / f"t{i}.jpg")
+    (root / "album" / "@eaDir" / "logo.png").mkdir(parents=True)
+    for i in range(3):
+        grey(8).save(root / "album" / "@eaDir" / "logo.png" / f"SYNOPHOTO_{i}.jpg")
+    (root / "__MACOSX").mkdir()
+    grey().save(root / "__MACOSX" / "grey_0.png")
+    grey().save(root / "._grey_0.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_real_world_folder_gives_the_right_counts_and_one_line_per_conversion(tmp_path):
+    from feddiffuse.shared.data import load_image_folder
+
+    folder = _real_world_folder(tmp_path / "archive")
+    scan = check_image_folder(folder)
+    # 10 grey PNG + 4 JPEG + BMP + TIFF + WebP + 2 GIF + 1 RGBA PNG, and the broken file.
+    assert (scan.files, scan.usable) == (21, 20)
+    assert dict(scan.skipped) == {"hidden files and folders": 6,
+                                  "thumbnail and tool folders": 4}
+    assert scan.colour == 8 and scan.grayscale == 12
+    assert scan.summary() == ("20 usable images, " + scan.summary().split(", ", 1)[1])
+    assert "6 in hidden files and folders not used" in scan.summary()
+    assert "4 in thumbnail and tool folders not used" in scan.summary()
+    assert "1 unreadable skipped" in scan.summary()
+    assert scan.conversion_notes(28, 1) == [
+        "8 colour images will be converted to grayscale.",
+        "7 images will be resized and centre-cropped to 28x28.",
+        "1 image with transparency will be laid on a white background.",
+        "1 animated or multi-page file: only the first frame is used.",
+    ]
+    assert scan.conversion_notes(48, 3)[0] == (
+        "12 grayscale images will be used as colour images with three equal channels.")
+    # Training uses exactly the images the scan counted as usable, in every format.
+    with pytest.warns(RuntimeWarning, match="1 unreadable"):
+        data = load_image_folder(folder, 28, 1)
+    assert data.images.shape == (20, 1, 28, 28)
+
+
+def test_a_folder_of_only_thumbnails_says_why_nothing_is_used(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "nas" / "@eaDir").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "nas" / "@eaDir" / "t.jpg")
+    with pytest.raises(SetupError, match=r"No images found .*\(1 in hidden or thumbnail"):
+        check_image_folder(tmp_path / "nas")
+
+
+def test_participant_says_each_conversion_once_in_plain_words(tmp_path):
+    from feddiffuse.edge_client import events as ev
+    from feddiffuse.edge_client.participant import Participant, ParticipantOptions
+
+    folder = _real_world_folder(tmp_path / "archive")
+    said = []
+    participant = Participant(None, HubStore("http://hub.test", home=tmp_path / "home"),
+                              ParticipantOptions(data_dir=folder), said.append,
+                              threading.Event())
+    images = participant._training_images("tiny")
+    assert images.shape == (20, 1, 28, 28)
+    lines = [e.message for e in said if isinstance(e, ev.LogEvent)]
+    assert "Skipped 1 unreadable image file(s); the first is " in lines[0]
+    assert "Not used: 6 image file(s) in hidden files and folders." in lines
+    assert "Not used: 4 image file(s) in thumbnail and tool folders." in lines
+    assert "8 colour images will be converted to grayscale." in lines
+    assert not any("Warning" in line or ".py:" in line for line in lines)
+    participant._training_images("tiny")  # cached: nothing is said twice
+    assert len([e for e in said if isinstance(e, ev.LogEvent)]) == len(lines)

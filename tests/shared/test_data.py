@@ -348,7 +348,7 @@ def test_count_images(image_tree: Path) -> None:
 def test_empty_and_missing_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.md").write_text("x")
-    with pytest.raises(DataNotFoundError, match="No usable PNG or JPEG images"):
+    with pytest.raises(DataNotFoundError, match="No usable images found"):
         load_image_folder(tmp_path / "empty", 16, 3)
     assert count_images(tmp_path / "empty") == 0
     only_bad = tmp_path / "bad"
@@ -578,3 +578,36 @@ def test_load_dataset_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         load_dataset("fashion-mnist", image_size=28, channels=1, limit=0)
     with pytest.raises(UserError, match="does not exist"):
         load_dataset("./no/such/folder", image_size=28, channels=1)
+
+
+def test_folder_walk_skips_hidden_and_tool_folders_and_reads_every_photo_format(
+        tmp_path: Path) -> None:
+    from feddiffuse.shared.data.folder import HIDDEN, TOOL, walk_images
+
+    root = tmp_path / "photos"
+    (root / "a" / ".cache").mkdir(parents=True)
+    (root / "b" / "@eaDir").mkdir(parents=True)
+    (root / "__MACOSX").mkdir()
+    img = Image.new("L", (4, 4), 7)
+    for name in ("x.png", "x.BMP", "x.gif", "x.tif", "x.webp", "x.pgm", "x.jpeg"):
+        img.save(root / "a" / name)
+    img.save(root / "a" / ".cache" / "c.png")
+    img.save(root / "a" / "._x.png")
+    img.save(root / "b" / "@eaDir" / "t.jpg")
+    img.save(root / "__MACOSX" / "m.png")
+    found, skipped = walk_images(root)
+    assert [p.name for p in found] == sorted(["x.BMP", "x.gif", "x.jpeg", "x.pgm", "x.png",
+                                              "x.tif", "x.webp"])
+    assert skipped == {HIDDEN: 2, TOOL: 2}
+    assert count_images(root) == 7
+    data = load_image_folder(root, 4, 1)
+    assert data.images.shape == (7, 1, 4, 4) and int(data.images.max()) == 7
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 32768], [65535, 16384]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    data = load_image_folder(tmp_path, 2, 1)
+    assert data.images[0, 0].tolist() == [[0, 128], [255, 64]]

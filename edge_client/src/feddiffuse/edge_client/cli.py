@@ -68,7 +68,7 @@ def join(
     token: Annotated[str | None, typer.Option(help="Your token from the hub operator "
                                                    "(default: the one saved for this hub).",
                                               envvar="FEDDIFFUSE_TOKEN")] = None,
-    data: Annotated[Path | None, typer.Option(help="The folder of your PNG/JPEG images "
+    data: Annotated[Path | None, typer.Option(help="The folder of your images "
                                                    "(default: the last one used).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cuda, mps or cpu "
                                                     "(default: the last one used, else auto).")

@@ -52,6 +52,7 @@ from .errors import (
     SetupError,
 )
 from .hub_client import HubClient
+from .inputs import scan_image_folder
 from .state import HubStore
 
 # Test hook (documented in the README of the tests): exit the process at once, as a crash
@@ -95,8 +96,8 @@ def load_training_images(data_dir: Path, preset_name: str) -> torch.Tensor:
     try:
         return load_image_folder(data_dir, cfg.image_size, cfg.channels).images
     except DataNotFoundError:
-        raise SetupError(f"No usable PNG or JPEG images found in {data_dir}; choose a folder "
-                         "that holds your images.") from None
+        raise SetupError(f"No usable images found in {data_dir}; choose a folder that holds "
+                         "your images (PNG, JPEG, BMP, GIF, TIFF, WebP, ...).") from None
     except UserError as exc:
         raise SetupError(str(exc).replace("--dataset", "--data")) from None
 
@@ -423,6 +424,12 @@ class Participant:
             self.emit(ev.LogEvent(f"Loaded {images.shape[0]} images from "
                                   f"{self.options.data_dir} at {images.shape[-1]}x"
                                   f"{images.shape[-2]}x{images.shape[1]}."))
+            cfg = get_preset(preset).config
+            scan = scan_image_folder(self.options.data_dir)
+            for why, n in sorted(scan.skipped.items()):
+                self.emit(ev.LogEvent(f"Not used: {n} image file(s) in {why}."))
+            for line in scan.conversion_notes(cfg.image_size, cfg.channels):
+                self.emit(ev.LogEvent(line))
         return self._images[preset]
 
     # -- downloads ----------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""A folder of PNG/JPEG images (searched recursively) as an unlabelled dataset.
+"""A folder of images (searched recursively) as an unlabelled dataset.
 
-Every image is converted to ``L`` (1 channel) or ``RGB`` (3 channels); transparent images
+Every raster format Pillow reads is used (PNG, JPEG, BMP, GIF's first frame, TIFF's first
+page, WebP, PNM, TGA, ...). Hidden files and folders, and the thumbnail and metadata
+folders that photo tools, NAS boxes and archivers write (`.thumbnails`, `@eaDir`,
+`__MACOSX`, `.AppleDouble`, ...), are not images of the owner's and are skipped. Every image is converted to ``L`` (1 channel) or ``RGB`` (3 channels); transparent images
 are laid on white first. It is then resized so that its short side equals ``image_size``
 (bicubic, antialiased by PIL) and centre-cropped to ``image_size x image_size``. Files that
 cannot be decoded are skipped and reported in one warning.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,11 +24,58 @@ from PIL import Image
 from feddiffuse.shared.data.dataset import ImageDataset
 from feddiffuse.shared.errors import DataNotFoundError, UserError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+# The photo and raster formats, kept to those this Pillow can open. A list of our own because
+# Pillow also registers formats that are not pictures a person keeps (.h5, .eps, .mpeg, ...).
+_RASTER_EXTENSIONS = (".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib",
+                      ".gif", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".pnm", ".tga",
+                      ".qoi", ".jp2", ".j2k", ".jpx", ".avif", ".pcx", ".sgi")
+
+
+def _readable_extensions() -> tuple[str, ...]:
+    Image.init()
+    openable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return tuple(ext for ext in _RASTER_EXTENSIONS if ext in openable)
+
+
+IMAGE_EXTENSIONS: tuple[str, ...] = _readable_extensions()
+
+# Folders that hold copies or metadata written by tools, never the owner's own images.
+TOOL_FOLDERS = frozenset({"@eadir", "__macosx", "#recycle", "@recycle", "$recycle.bin",
+                          "#snapshot", "@recently-snapshot", "system volume information"})
+HIDDEN = "hidden files and folders"
+TOOL = "thumbnail and tool folders"
 
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def walk_images(folder: Path) -> tuple[list[Path], Counter]:
+    """The image files under `folder` (sorted) and, per reason, how many were skipped.
+
+    A file is skipped when it or a folder on its way (below `folder`) is hidden (its name
+    starts with a dot: `.thumbnails`, `.AppleDouble`, `._photo.jpg`, ...), or when a folder
+    on its way is one that tools write (TOOL_FOLDERS: `@eaDir`, `__MACOSX`, ...).
+    """
+    found: list[Path] = []
+    skipped: Counter = Counter()
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder).parts
+        reason = None
+        if any(part.lower() in TOOL_FOLDERS for part in rel):
+            reason = TOOL
+        elif any(part.startswith(".") for part in rel):
+            reason = HIDDEN
+        for name in files:
+            if not _is_image_name(name):
+                continue
+            why = reason or (HIDDEN if name.startswith(".") else None)
+            if why:
+                skipped[why] += 1
+            else:
+                found.append(Path(root) / name)
+        dirs.sort()
+    return sorted(found), skipped
 
 
 def _check_folder(path: str | Path) -> Path:
@@ -38,26 +89,25 @@ def _check_folder(path: str | Path) -> Path:
 
 def image_paths(path: str | Path) -> list[Path]:
     """All candidate image files under ``path`` (recursive), sorted for determinism."""
-    folder = _check_folder(path)
-    found = [
-        Path(root) / name
-        for root, _dirs, files in os.walk(folder)
-        for name in files
-        if _is_image_name(name)
-    ]
-    return sorted(found)
+    return walk_images(_check_folder(path))[0]
 
 
 def count_images(path: str | Path) -> int:
     """How many candidate image files (by extension) are under ``path``; nothing is decoded."""
-    folder = _check_folder(path)
-    return sum(
-        1 for _root, _dirs, files in os.walk(folder) for name in files if _is_image_name(name)
-    )
+    return len(image_paths(path))
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert to ``L`` or ``RGB``, compositing any transparency onto white."""
+    """Convert to ``L`` or ``RGB``, compositing any transparency onto white.
+
+    16-bit and float images (mode ``I;16``, ``I``, ``F``) are scaled to 8 bits by their
+    range instead of being clipped at 255."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        if image.mode != "F" and top <= 255.0:
+            top = 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (
         image.mode == "P" and "transparency" in image.info
     )
@@ -153,7 +203,7 @@ def load_image_folder(
     *,
     seed: int | None = None,
 ) -> ImageDataset:
-    """Every PNG/JPEG under ``path`` (recursive, sorted paths) as ``channels x S x S`` uint8.
+    """Every image under ``path`` (recursive, sorted paths; see `walk_images`) as ``channels x S x S`` uint8.
 
     ``limit`` keeps at most that many usable images: the first ones in sorted order, or,
     when ``seed`` is given, a seeded random choice (returned in sorted-path order). The
@@ -173,7 +223,7 @@ def load_image_folder(
     if not arrays:
         detail = f" ({len(paths)} candidate files were unreadable)" if paths else ""
         raise DataNotFoundError(
-            f"No usable PNG or JPEG images found in {folder}{detail}; "
+            f"No usable images found in {folder}{detail}; "
             "point --dataset at a folder of images."
         )
     images = torch.from_numpy(np.stack(arrays)).contiguous()
