@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 from feddiffuse.hub import FederationSettings, Hub, create_app, init_hub
+from feddiffuse.hub.limits import ServeLimits
+from feddiffuse.hub.server import uvicorn_config
 from feddiffuse.hub.store import open_store
 from feddiffuse.hub.tokens import create_client_token
 from feddiffuse.hub.weights import encode_global
@@ -179,9 +181,11 @@ class Kit:
 
             return TestClient(create_app(hub))
 
-    def serve(self, hub: Hub, tick_interval: float = 0.2) -> ThreadServer:
-        """A real uvicorn server for `hub`; use it in a `with` inside the hub's own."""
-        return ThreadServer(hub, tick_interval)
+    def serve(self, hub: Hub, tick_interval: float = 0.2,
+              limits: ServeLimits | None = None) -> ThreadServer:
+        """A real uvicorn server for `hub` (with the connection limits `serve` applies); use
+        it in a `with` inside the hub's own."""
+        return ThreadServer(hub, tick_interval, limits)
 
     def free_port(self) -> int:
         with socket.socket() as s:
@@ -200,16 +204,20 @@ def clock() -> FakeClock:
 
 
 class ThreadServer:
-    """A real uvicorn server on a loopback socket, in a thread of the test process."""
+    """A real uvicorn server on a loopback socket, in a thread of the test process, configured
+    as `feddiffuse-hub serve` configures it."""
 
-    def __init__(self, hub: Hub, tick_interval: float = 0.2) -> None:
+    def __init__(self, hub: Hub, tick_interval: float = 0.2,
+                 limits: ServeLimits | None = None) -> None:
         import uvicorn
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(create_app(hub, tick_interval=tick_interval), log_config=None,
-                                access_log=False, log_level="warning", lifespan="on")
+        self.limits = limits or ServeLimits()
+        self.app = create_app(hub, tick_interval=tick_interval, limits=self.limits)
+        config = uvicorn_config(self.app, self.limits, log_config=None, access_log=False,
+                                log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)

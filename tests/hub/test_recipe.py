@@ -90,6 +90,7 @@ def test_a_paper_hub_has_no_ema_and_says_paper(tmp_path, kit):
 def test_a_hub_made_before_recipes_opens_with_the_papers(tmp_path, kit):
     setup = kit.make_hub(tmp_path / "hub", method="full", rounds=1, recipe="paper")
     db = sqlite3.connect(setup.root / "hub.sqlite3")
+    _back_to_schema_2(db)
     db.execute("UPDATE federation SET lr = 0.0005, batch_size = 16")
     db.execute("ALTER TABLE federation DROP COLUMN recipe")
     db.execute("ALTER TABLE federation DROP COLUMN sample_version")
@@ -101,7 +102,40 @@ def test_a_hub_made_before_recipes_opens_with_the_papers(tmp_path, kit):
         assert recipe == replace(PAPER, lr=0.0005, batch_size=16)
         assert hub.store.federation().sample_version is None
     db = sqlite3.connect(setup.root / "hub.sqlite3")
-    assert db.execute("SELECT value FROM meta").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
+    db.close()
+
+
+def _back_to_schema_2(db: sqlite3.Connection) -> None:
+    """Undo schema 3: no removed participants, one row per download."""
+    db.execute("ALTER TABLE participants DROP COLUMN removed_at")
+    db.execute("ALTER TABLE participants DROP COLUMN removed_reason")
+    db.execute("DROP TABLE download_totals")
+    db.execute("CREATE TABLE downloads (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, "
+               "client TEXT NOT NULL, version TEXT NOT NULL, segments TEXT NOT NULL, "
+               "bytes INTEGER NOT NULL, at REAL NOT NULL)")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
+
+def test_a_schema_2_hub_keeps_its_participants_and_download_totals(tmp_path, kit):
+    setup = kit.make_hub(tmp_path / "hub", method="full", rounds=2)
+    with Hub.open(setup.root, serve=True) as hub:
+        kit.manifest(kit.test_client(hub), setup.tokens["alice"])  # round 1 opens
+    db = sqlite3.connect(setup.root / "hub.sqlite3")
+    _back_to_schema_2(db)
+    db.executemany("INSERT INTO downloads (round, client, version, segments, bytes, at) "
+                   "VALUES (?, ?, 'v', 'encoder', ?, 0)", [(1, "alice", 100), (1, "alice", 50),
+                                                            (1, "bob", 7)])
+    db.commit()
+    db.close()
+    with Hub.open(setup.root) as hub:
+        assert hub.store.bytes_out() == {1: 157}
+        assert [p.client for p in hub.store.participants(1)] == ["alice", "bob", "carol"]
+        assert not any(p.removed for p in hub.store.participants(1))
+    db = sqlite3.connect(setup.root / "hub.sqlite3")
+    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
+    assert db.execute("SELECT client, requests, bytes FROM download_totals ORDER BY client"
+                      ).fetchall() == [("alice", 2, 150), ("bob", 1, 7)]
     db.close()
 
 

@@ -157,12 +157,10 @@ def test_a_round_with_quorum_waits_for_its_deadline(tmp_path, kit, clock):
 
 
 def test_admin_close_and_extend(tmp_path, kit, clock):
-    setup = kit.make_hub(tmp_path / "hub", min_clients=2, timeout=60, rounds=2)
+    setup = kit.make_hub(tmp_path / "hub", min_clients=2, timeout=60, rounds=3)
     with Hub.open(setup.root, serve=True, clock=clock) as hub:
         http = kit.test_client(hub)
         admin = setup.auth("admin")
-        r = http.post(f"{A}/admin/rounds/current/close", headers=admin)
-        assert r.status_code == 409 and r.json()["code"] == "conflict"
         r = http.post(f"{A}/admin/rounds/current/extend", headers=admin, json={"seconds": 30})
         assert r.status_code == 200
         assert HubStatus.model_validate_json(r.content).deadline.timestamp() == \
@@ -179,6 +177,16 @@ def test_admin_close_and_extend(tmp_path, kit, clock):
         for bad in ({"seconds": -1}, {"seconds": 0}, {}, {"seconds": "x"}, {"extra": 1}):
             r = http.post(f"{A}/admin/rounds/current/extend", headers=admin, json=bad)
             assert r.status_code == 400 and r.json()["code"] == "bad_request"
+        # Closed with no report: the global model is kept and the next round opens.
+        version = hub.store.federation().current_version
+        r = http.post(f"{A}/admin/rounds/current/close", headers=admin)
+        assert r.status_code == 200, r.text
+        st = HubStatus.model_validate_json(r.content)
+        assert st.current.round == 3 and st.history[1].reported == []
+        fed, row, _ = kit.db_round(setup.root, 2)
+        assert row.result_version == version == fed.current_version
+        assert "no report" in row.close_reason
+        assert kit.manifest(http, setup.tokens["bob"]).global_version == version
         for c, t in setup.tokens.items():
             kit.participate(http, c, t)
         for path in ("close", "extend"):
@@ -240,7 +248,7 @@ def test_a_long_polled_manifest_answers_when_the_next_round_opens(tmp_path, kit)
 
         waiter = threading.Thread(target=poll)
         waiter.start()
-        while not hub._listeners and waiter.is_alive():  # the request is now held
+        while not hub.rounds.listeners and waiter.is_alive():  # the request is now held
             threading.Event().wait(0.01)
         assert waiter.is_alive(), answers
         for c in ("bob", "carol"):  # the round closes and round 2 opens
@@ -249,4 +257,4 @@ def test_a_long_polled_manifest_answers_when_the_next_round_opens(tmp_path, kit)
         assert not waiter.is_alive()
         m = Manifest.model_validate_json(answers[0].content)
         assert m.phase == "open" and m.round == 2
-        assert not hub._listeners
+        assert not hub.rounds.listeners

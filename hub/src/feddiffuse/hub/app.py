@@ -18,11 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from feddiffuse.shared.protocol import API_PREFIX, ERROR_STATUS, ErrorBody, ErrorCode
+from feddiffuse.shared.model import SEGMENTS
+from feddiffuse.shared.protocol import API_PREFIX, ErrorBody, ErrorCode
 
 from .coordinator import Hub
-from .errors import HubError
+from .errors import HubCode, HubError, error_status
+from .limits import ServeLimits
 from .routes import router
+from .services import UploadSlots
+from .uploads import DRAIN_LIMIT
 
 log = logging.getLogger("feddiffuse.hub")
 access_log = logging.getLogger("feddiffuse.hub.access")
@@ -32,13 +36,14 @@ _CODE_OF_STATUS = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
                    416: ErrorCode.RANGE_NOT_SATISFIABLE}
 
 
-def _error(code: ErrorCode, message: str, status: int | None = None,
+def _error(code: ErrorCode | HubCode, message: str, status: int | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     # A message may quote what a client sent (e.g. upload metadata with a lone surrogate,
     # which JSON can parse but UTF-8 cannot encode): escape what UTF-8 cannot carry.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse(ErrorBody(code=code, message=message).model_dump(mode="json"),
-                        status_code=status or ERROR_STATUS[code], headers=headers)
+    body = (ErrorBody(code=code, message=message).model_dump(mode="json")
+            if isinstance(code, ErrorCode) else {"code": code.value, "message": message})
+    return JSONResponse(body, status_code=status or error_status(code), headers=headers)
 
 
 async def _on_hub_error(request: Request, exc: Exception) -> JSONResponse:
@@ -72,7 +77,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    log.error("%s %s failed", printable(request.method, 20), printable(request.url.path),
+              exc_info=exc)
     return _error(ErrorCode.INTERNAL, "the hub failed to handle this request; its log says why")
 
 
@@ -80,13 +86,46 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f}MB" if n >= 100_000 else f"{n}B"
 
 
-class HubMiddleware:
-    """Logs one line per request, then lets the hub move its rounds on (a due close runs
-    here, after the response has been sent)."""
+def printable(text: str, limit: int = 200) -> str:
+    """`text` (a client chose it) as one log-safe line: control and other non-printing
+    characters (newlines, NUL, ANSI escapes, U+2028) become escapes, so that nothing a client
+    sends can forge a log line or make the log binary."""
+    text = text[:limit]
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
 
-    def __init__(self, app: ASGIApp, hub: Hub) -> None:
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            text = value.strip()
+            return int(text) if text.isdigit() and len(text) <= 18 else 10**18
+    return None
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
+class HubMiddleware:
+    """Logs one line per request (what the client chose escaped), bounds the idle time within
+    a request body, closes the connection after refusing a body it has not read (after
+    reading and dropping at most DRAIN_LIMIT more bytes, so that the client sees the answer),
+    then lets the hub move its rounds on (a due close runs here, after the answer)."""
+
+    def __init__(self, app: ASGIApp, hub: Hub, limits: ServeLimits) -> None:
         self.app = app
         self.hub = hub
+        self.limits = limits
+        # An honest body is at most an upload of the whole model: one that size is read to
+        # its end after a refusal (its client then sees the answer); a bigger one only
+        # DRAIN_LIMIT further, then the connection is cut.
+        self.honest_body = hub.layout.upload_cap(SEGMENTS) + DRAIN_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,33 +133,59 @@ class HubMiddleware:
             return
         started = time.perf_counter()
         seen = {"status": 500, "in": 0, "out": 0}
+        body = {"done": not _has_body(scope), "stalled": False}
+        idle = self.limits.body_idle_timeout_s
 
-        async def counting_receive() -> Message:
-            message = await receive()
+        async def guarded_receive() -> Message:
+            if body["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), idle)
+            except TimeoutError:
+                body["stalled"] = True
+                raise HubError(HubCode.REQUEST_TIMEOUT, f"no byte of the request's body "
+                               f"arrived for {idle:g} s; the connection is closed") from None
             if message["type"] == "http.request":
                 seen["in"] += len(message.get("body", b""))
+                body["done"] = not message.get("more_body", False)
+            else:
+                body["done"] = True
             return message
 
-        async def counting_send(message: Message) -> None:
+        async def drain() -> None:
+            declared = _content_length(scope)
+            limit = seen["in"] + DRAIN_LIMIT
+            if declared is None or declared <= self.honest_body:
+                limit = max(limit, self.honest_body)
+            with contextlib.suppress(HubError):
+                while not body["done"] and not body["stalled"] and seen["in"] < limit:
+                    await guarded_receive()
+
+        async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
+                if message["status"] >= 400 and not body["done"]:
+                    await drain()
+                    message = {**message, "headers": [
+                        *[(k, v) for k, v in message.get("headers", [])
+                          if k.lower() != b"connection"], (b"connection", b"close")]}
             elif message["type"] == "http.response.body":
                 seen["out"] += len(message.get("body", b""))
             await send(message)
 
         await _run(self.hub.advance)  # e.g. close a round whose deadline passed first
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, guarded_receive, guarded_send)
         finally:
             client = scope.get("client")
             caller = scope.get("state", {}).get("caller", "-")
             query = f"?{scope['query_string'].decode('latin-1')}" if scope.get(
                 "query_string") else ""
             access_log.info('%s %s "%s %s%s" %d in=%s out=%s %.3fs',
-                            f"{client[0]}:{client[1]}" if client else "-", caller,
-                            scope["method"], scope["path"], query[:200], seen["status"],
-                            _size(seen["in"]), _size(seen["out"]),
-                            time.perf_counter() - started)
+                            f"{client[0]}:{client[1]}" if client else "-", printable(caller),
+                            printable(scope["method"], 20), printable(scope["path"]),
+                            printable(query), seen["status"], _size(seen["in"]),
+                            _size(seen["out"]), time.perf_counter() - started)
         await _run(self.hub.tick)
 
 
@@ -131,9 +196,13 @@ async def _run(step) -> None:
         log.exception("moving the rounds on failed")
 
 
-def create_app(hub: Hub, *, tick_interval: float = 1.0) -> FastAPI:
-    """The ASGI app serving `hub` (opened with serve=True to drive rounds)."""
+def create_app(hub: Hub, *, tick_interval: float = 1.0,
+               limits: ServeLimits | None = None) -> FastAPI:
+    """The ASGI app serving `hub` (opened with serve=True to drive rounds). Serve it with
+    `server.uvicorn_config(app, limits)` to bound the time to receive headers too."""
     from importlib.metadata import version
+
+    limits = (limits or ServeLimits()).validated()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,6 +210,7 @@ def create_app(hub: Hub, *, tick_interval: float = 1.0) -> FastAPI:
             while True:
                 await asyncio.sleep(tick_interval)
                 await _run(hub.tick)
+                await _run(hub.housekeeping)
 
         task = asyncio.create_task(ticker())
         try:
@@ -159,12 +229,15 @@ def create_app(hub: Hub, *, tick_interval: float = 1.0) -> FastAPI:
         docs_url=f"{API_PREFIX}/docs",
         redoc_url=None,
         lifespan=lifespan,
+        redirect_slashes=False,  # a trailing slash is a 404, not a redirect built from Host
     )
     app.state.hub = hub
+    app.state.limits = limits
+    app.state.upload_slots = UploadSlots(limits.max_uploads_in_progress, limits.retry_after_s)
     app.include_router(router, prefix=API_PREFIX)
     app.add_exception_handler(HubError, _on_hub_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(HubMiddleware, hub=hub)
+    app.add_middleware(HubMiddleware, hub=hub, limits=limits)
     return app

@@ -102,6 +102,11 @@ class BlobStore:
             raise
         return sha
 
+    def remove(self, sha256: str) -> None:
+        """Delete a blob that no record refers to (the caller knows)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path(sha256).unlink()
+
     def read_bytes(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from feddiffuse.shared.errors import UserError
 from feddiffuse.shared.model import build_unet
 
 from .blobs import BlobStore
-from .paths import HubPaths
+from .paths import DIR_MODE, HubPaths
 from .settings import FederationSettings
 from .store import open_store
 from .store.base import VersionRow
@@ -34,8 +35,10 @@ def init_hub(root: str | Path, settings: FederationSettings, *,
     model = build_unet(settings.preset, seed=settings.seed)
     data = encode_global({n: p.detach() for n, p in model.named_parameters()},
                          settings.preset, 1)
-    paths.root.mkdir(exist_ok=True)
-    paths.blobs.mkdir()
+    paths.root.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.chmod(paths.root, DIR_MODE)  # also when it existed, empty, or umask widened it
+    paths.blobs.mkdir(mode=DIR_MODE)
+    os.chmod(paths.blobs, DIR_MODE)
     version = BlobStore(paths.blobs).write_bytes(data)
     token = new_token()
     store = open_store(paths.db, create=True)

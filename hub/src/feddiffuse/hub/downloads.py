@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from feddiffuse.shared.protocol import CONTENT_SHA256_HEADER, SAFETENSORS_MEDIA_TYPE, ErrorCode
 
-from .coordinator import ServedFile
 from .errors import HubError
+from .services import ServedFile
 
 CHUNK = 256 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -87,7 +88,39 @@ def _iter_file(path: Path, start: int, stop: int) -> Iterator[bytes]:
             yield data
 
 
-def file_response(served: ServedFile, byte_range: ByteRange | None, *, head: bool) -> Response:
+class CountedStreamingResponse(StreamingResponse):
+    """A streamed file that reports, when it ends however it ends, how many of its bytes
+    were handed to the connection while the client was still there."""
+
+    def __init__(self, content: Iterator[bytes], on_sent: Callable[[int], None],
+                 **kwargs: object) -> None:
+        super().__init__(content, **kwargs)  # type: ignore[arg-type]
+        self._on_sent = on_sent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+        gone = False
+
+        async def watching_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal sent
+            await send(message)
+            if message["type"] == "http.response.body" and not gone:
+                sent += len(message.get("body", b""))
+
+        try:
+            await super().__call__(scope, watching_receive, counting_send)
+        finally:
+            self._on_sent(sent)
+
+
+def file_response(served: ServedFile, byte_range: ByteRange | None, *, head: bool,
+                  on_sent: Callable[[int], None] | None = None) -> Response:
     headers = {"ETag": served.etag, "Accept-Ranges": "bytes",
                CONTENT_SHA256_HEADER: served.sha256,
                "Cache-Control": "private, max-age=31536000, immutable"}
@@ -99,8 +132,9 @@ def file_response(served: ServedFile, byte_range: ByteRange | None, *, head: boo
     headers["Content-Length"] = str(stop - start)
     if head:
         return Response(status_code=status, headers=headers, media_type=SAFETENSORS_MEDIA_TYPE)
-    return StreamingResponse(_iter_file(served.path, start, stop), status_code=status,
-                             headers=headers, media_type=SAFETENSORS_MEDIA_TYPE)
+    return CountedStreamingResponse(_iter_file(served.path, start, stop),
+                                    on_sent or (lambda n: None), status_code=status,
+                                    headers=headers, media_type=SAFETENSORS_MEDIA_TYPE)
 
 
 def not_modified(served: ServedFile) -> Response:

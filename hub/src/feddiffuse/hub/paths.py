@@ -11,6 +11,7 @@ from pathlib import Path
 from feddiffuse.shared.errors import UserError
 
 DB_NAME = "hub.sqlite3"
+DIR_MODE = 0o700  # the hub directory and its blob folder hold token hashes and every upload
 BLOBS_NAME = "blobs"
 LOCK_NAME = "serve.lock"
 
@@ -30,6 +31,11 @@ class HubPaths:
     @property
     def lock(self) -> Path:
         return self.root / LOCK_NAME
+
+    def loose_permissions(self) -> str | None:
+        """The hub directory's mode when group or others may enter it, else None."""
+        mode = self.root.stat().st_mode & 0o777
+        return f"{mode:o}" if mode & 0o077 else None
 
     def require_hub(self) -> HubPaths:
         if not self.db.is_file() or not self.blobs.is_dir():

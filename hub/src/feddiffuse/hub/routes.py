@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,7 +31,8 @@ from feddiffuse.shared.protocol import (
 from .coordinator import Caller, Hub
 from .downloads import etag_matches, file_response, not_modified, requested_range
 from .errors import HubError
-from .uploads import DRAIN_LIMIT, UploadReceiver
+from .services import UploadSlots
+from .uploads import UploadReceiver
 
 MAX_MANIFEST_WAIT_S = 30.0  # the longest a manifest request is held (long poll)
 FEED_BATCH = 1 << 20  # bytes of body handed to the receiver at once (bounds memory per upload)
@@ -46,6 +48,10 @@ router = APIRouter()
 
 def get_hub(request: Request) -> Hub:
     return request.app.state.hub
+
+
+def get_upload_slots(request: Request) -> UploadSlots:
+    return request.app.state.upload_slots
 
 
 def authenticate(request: Request, credentials: Annotated[
@@ -76,6 +82,7 @@ AnyCaller = Annotated[Caller, Depends(authenticate)]
 AdminCaller = Annotated[Caller, Depends(admin_caller)]
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health", tags=["service"])
 async def health() -> dict:
     """Liveness probe; needs no token."""
@@ -141,11 +148,14 @@ def download_model(
     if etag_matches(if_none_match, served.etag):
         return not_modified(served)
     byte_range = requested_range(range_header, if_range, served.etag, served.size)
-    head = request.method == "HEAD"
-    if not head:
-        hub.record_download(caller, served,
-                            byte_range.length if byte_range is not None else served.size)
-    return file_response(served, byte_range, head=head)
+    if request.method == "HEAD":
+        return file_response(served, byte_range, head=True)
+    round_index = hub.downloads.accounting_round()  # the round current when it started
+
+    def sent(n: int) -> None:
+        hub.downloads.record(round_index, caller, served, n)
+
+    return file_response(served, byte_range, head=False, on_sent=sent)
 
 
 @router.put(
@@ -160,35 +170,35 @@ async def upload_update(
 ) -> UploadReceipt:
     """Upload the caller's delta for a round (a safetensors file, streamed)."""
     hub = get_hub(request)
-    try:
-        ticket = await run_in_threadpool(hub.prepare_upload, caller.name, round_index)
-    except HubError:
-        await _drain(request, hub.layout.upload_cap(SEGMENTS) + DRAIN_LIMIT)
-        raise
-    receiver = UploadReceiver(ticket, hub.blobs, hub.layout,
-                              request.headers.get(CONTENT_SHA256_HEADER))
-    try:
-        receiver.check_declared_length(_content_length(request))
-        # Hashing, checking and writing run in a worker thread, a batch at a time, while the
-        # event loop goes on parsing HTTP: two cores busy instead of one.
-        batch = bytearray()
-        if not receiver.stop_reading:
-            async for chunk in request.stream():
-                batch += chunk
-                if len(batch) >= FEED_BATCH:
-                    await run_in_threadpool(receiver.feed, bytes(batch))
-                    batch.clear()
-                    if receiver.stop_reading:
-                        break
-        if batch and not receiver.stop_reading:
-            await run_in_threadpool(receiver.feed, bytes(batch))
-        received = await run_in_threadpool(receiver.finish)
-        return await run_in_threadpool(hub.commit_upload, ticket, received)
-    except ClientDisconnect:
-        raise HubError(ErrorCode.BAD_REQUEST, "the client went away before the upload "
-                       "ended") from None
-    finally:
-        receiver.discard()
+    # A refusal from here on is answered before the rest of the body is read, and the
+    # connection is closed after the answer (app.HubMiddleware).
+    ticket = await run_in_threadpool(hub.prepare_upload, caller.name, round_index)
+    with get_upload_slots(request).taken():
+        receiver = UploadReceiver(ticket, hub.blobs, hub.layout,
+                                  request.headers.get(CONTENT_SHA256_HEADER))
+        try:
+            receiver.check_declared_length(_content_length(request))
+            # Hashing, checking and writing run in worker threads (their own pool, so that
+            # manifests never queue behind uploads), a batch at a time, while the event loop
+            # goes on parsing HTTP.
+            batch = bytearray()
+            if not receiver.stop_reading:
+                async for chunk in request.stream():
+                    batch += chunk
+                    if len(batch) >= FEED_BATCH:
+                        await _in_upload_thread(request, receiver.feed, bytes(batch))
+                        batch.clear()
+                        if receiver.stop_reading:
+                            break
+            if batch and not receiver.stop_reading:
+                await _in_upload_thread(request, receiver.feed, bytes(batch))
+            received = await _in_upload_thread(request, receiver.finish)
+            return await _in_upload_thread(request, hub.commit_upload, ticket, received)
+        except ClientDisconnect:
+            raise HubError(ErrorCode.BAD_REQUEST, "the client went away before the upload "
+                           "ended") from None
+        finally:
+            receiver.discard()
 
 
 @router.get("/admin/status", response_model=HubStatus, responses=_errors(), tags=["admin"])
@@ -218,11 +228,12 @@ def _content_length(request: Request) -> int | None:
     return int(value) if len(value) <= 18 else 10**18  # past any cap; int() takes <= 4300
 
 
-async def _drain(request: Request, limit: int) -> None:
-    """Read and drop a refused body (up to `limit`), so the client gets the answer."""
-    seen = 0
-    with contextlib.suppress(ClientDisconnect):
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return
+UPLOAD_THREADS = 4  # worker threads for upload bodies: hashing and checking, on few cores
+
+
+async def _in_upload_thread(request: Request, func, *args):
+    state = request.app.state
+    limiter = getattr(state, "upload_limiter", None)
+    if limiter is None:  # made in the event loop that serves
+        limiter = state.upload_limiter = anyio.CapacityLimiter(UPLOAD_THREADS)
+    return await anyio.to_thread.run_sync(func, *args, limiter=limiter)

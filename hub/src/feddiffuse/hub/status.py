@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from feddiffuse.shared.methods import shared_segments
 from feddiffuse.shared.protocol import (
@@ -19,9 +19,6 @@ from feddiffuse.shared.recipes import recipe_training_fields
 from .layout import ModelLayout
 from .store import CLOSING, OPEN, HubStore
 from .store.base import FederationRow, RoundRow
-
-if TYPE_CHECKING:
-    from .coordinator import Hub
 
 RETRY_AFTER_S = 5.0  # how soon a waiting client should ask again
 
@@ -59,7 +56,7 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
     row = store.round(r)
     plan = store.participant(r, client) if row is not None else None
     deadline = _maybe_datetime(row.deadline) if row is not None else None
-    if row is None or plan is None:
+    if row is None or plan is None or (plan.removed and store.upload(r, client) is None):
         return Manifest(**common, phase=RoundPhase.WAITING, download_segments=[],
                         upload_segments=[], training=training, deadline=deadline,
                         retry_after_s=RETRY_AFTER_S)
@@ -76,8 +73,8 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
                     training=training, deadline=deadline, retry_after_s=RETRY_AFTER_S)
 
 
-def round_summary(store: HubStore, row: RoundRow, bytes_out: dict[int, int]) -> RoundSummary:
-    participants = [p.client for p in store.participants(row.round)]
+def round_summary(store: HubStore, row: RoundRow, bytes_out: Mapping[int, int]) -> RoundSummary:
+    participants = [p.client for p in store.participants(row.round)]  # removed ones too
     uploads = store.uploads(row.round)
     reported = [u.client for u in uploads]
     weighted = [(u.mean_loss, u.num_samples) for u in uploads if u.mean_loss is not None]
@@ -92,10 +89,48 @@ def round_summary(store: HubStore, row: RoundRow, bytes_out: dict[int, int]) -> 
                         global_version=row.base_version)
 
 
-def hub_status(hub: Hub, now: float) -> HubStatus:
-    store, s = hub.store, hub.settings
+CLOSE_HOW = ("POST /api/v1/admin/rounds/current/close with the admin token, or "
+             "`feddiffuse-hub round close DIR`")
+EXTEND_HOW = ("POST /api/v1/admin/rounds/current/extend {\"seconds\": N}, or "
+              "`feddiffuse-hub round extend DIR N`")
+
+
+def _open_round_note(r: int, row: RoundRow, quorum: int, reported: list[str],
+                     awaited: list[str], removed: list[str], enrolled: int, now: float) -> str:
+    """What an open round waits for, and what the admin can do when it cannot get it."""
+    gone = f" ({', '.join(removed)} removed: token revoked)" if removed else ""
+    if not reported and not awaited:
+        return (f"Round {r} has no participant left that can report{gone}; it restarts with "
+                f"the enrolled clients once {quorum} are enrolled ({enrolled} now): "
+                "`feddiffuse-hub token create DIR NAME`. Or close it with no report, which "
+                f"keeps the global model and opens the next round: {CLOSE_HOW}.")
+    if len(reported) + len(awaited) < quorum:
+        what = ("close it with the reports it has" if reported else
+                "close it with no report (the global model is kept, the next round opens)")
+        return (f"Round {r} can no longer reach its quorum of {quorum}: {len(reported)} "
+                f"reported and {len(awaited)} more can{gone}. The admin can {what}: "
+                f"{CLOSE_HOW}.")
+    past = row.deadline is not None and now >= row.deadline
+    if past and len(reported) < quorum:
+        what = ("with the reports it has" if reported
+                else "with no report (the global model is kept)")
+        return (f"Round {r} passed its deadline with {len(reported)} of the {quorum} reports "
+                f"the quorum needs; waiting for {', '.join(awaited)}{gone}. The admin can "
+                f"extend it ({EXTEND_HOW}) or close it now {what} ({CLOSE_HOW}).")
+    return (f"Round {r} is open: {len(reported)} of {len(reported) + len(awaited)} "
+            f"participant(s) reported{gone}.")
+
+
+def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
+               pending_bytes_out: Mapping[int, int] | None = None,
+               aggregation_error: str | None = None) -> HubStatus:
+    """The admin's view, from the store (and what a serving hub holds in memory: download
+    bytes not yet written, the last aggregation failure)."""
     fed = store.federation()
-    out = store.bytes_out()
+    s = fed.settings
+    out = dict(store.bytes_out())
+    for r, n in (pending_bytes_out or {}).items():
+        out[r] = out.get(r, 0) + n
     rows = store.rounds()
     history = [round_summary(store, row, out) for row in rows if row.round != fed.current_round
                or fed.finished]
@@ -114,14 +149,15 @@ def hub_status(hub: Hub, now: float) -> HubStatus:
                 f"{s.min_clients} (feddiffuse-hub token create).")
     elif current_row.status == CLOSING:
         note = f"Round {r} is closing: aggregating {len(current.reported)} update(s)."
-        if hub.aggregation_error:
-            note += f" The last attempt failed ({hub.aggregation_error}); it is retried."
-    elif waiting:
-        note = (f"Round {r} passed its deadline with {len(current.reported)} of the "
-                f"{s.min_clients} reports the quorum needs; waiting for more (or extend it).")
+        if aggregation_error:
+            note += f" The last attempt failed ({aggregation_error}); it is retried."
     else:
-        note = (f"Round {r} is open: {len(current.reported)} of {len(current.participants)} "
-                "participant(s) reported.")
-    return HubStatus(federation=federation_info(fed, hub.layout), current=current,
+        participants = store.participants(r)
+        reported = set(current.reported)
+        awaited = [p.client for p in participants if not p.removed and p.client not in reported]
+        removed = [p.client for p in participants if p.removed]
+        note = _open_round_note(r, current_row, s.min_clients, current.reported, awaited,
+                                removed, len(store.enrolled_clients()), now)
+    return HubStatus(federation=federation_info(fed, layout), current=current,
                      deadline=_maybe_datetime(deadline), waiting_for_quorum=waiting,
                      history=history, note=note)

@@ -4,8 +4,9 @@ The body is written to a temporary blob while it is hashed and checked: first th
 header length (against a limit), then the JSON header (names, dtypes, shapes and offsets via
 `wire.check_layout`, and the delta's metadata), then the tensor bytes, whose float32 values are
 checked to be finite slice by slice. Nothing is ever unpickled, and the body is never held in
-memory. A body that fails is still read (and thrown away) up to a bounded amount, so that the
-client reliably gets the error instead of a reset connection.
+memory. Reading stops at the first refusal: the app answers, reading and dropping at most
+DRAIN_LIMIT more bytes first (so that the client sees the answer, not a reset), then closes
+the connection.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .errors import HubError
 from .layout import ModelLayout, canonical_segments
 from .store.base import UploadRow
 
-DRAIN_LIMIT = 1 << 20  # bytes read past the cap after a refusal before the connection is cut
+DRAIN_LIMIT = 1 << 20  # bytes read and dropped after a refusal before the connection is cut
 _CHECK_SLICE = 1 << 20  # bytes of floats checked at once (bounds the temporary bool array)
 _MAX_SAMPLES = 10**12
 _LENGTH, _HEADER, _DATA = "length", "header", "data"
@@ -121,7 +122,7 @@ class UploadReceiver:
             return
         self.received += len(chunk)
         if self.error is not None:
-            self.stop_reading = self.received > self.ticket.cap + DRAIN_LIMIT
+            self.stop_reading = True
             return
         if self.received > self.ticket.cap:
             self.fail(self._too_large(None))
@@ -139,7 +140,7 @@ class UploadReceiver:
         if self.error is None:
             self.error = error
         self.discard()
-        self.stop_reading = self.received > self.ticket.cap + DRAIN_LIMIT
+        self.stop_reading = True
 
     def discard(self) -> None:
         if self._temp is not None:

@@ -11,7 +11,9 @@ import typer
 
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, RECIPE_HELP
 
+from ..limits import ServeLimits
 from ._common import HubDir, fail, user_errors
+from .rounds import round_app
 from .tokens import token_app
 
 app = typer.Typer(
@@ -21,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(token_app, name="token")
+app.add_typer(round_app, name="round")
 
 
 @app.command()
@@ -87,12 +90,22 @@ def serve(
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info or warning.")] = "info",
+    header_timeout: Annotated[float, typer.Option(
+        help="Seconds a connection may take to send a request's headers.")
+    ] = ServeLimits.header_timeout_s,
+    body_idle_timeout: Annotated[float, typer.Option(
+        help="Longest silence (seconds) within a request body before it is cut off (408).")
+    ] = ServeLimits.body_idle_timeout_s,
+    max_uploads: Annotated[int, typer.Option(
+        help="Uploads received at once; one more is answered 503 with Retry-After.")
+    ] = ServeLimits.max_uploads_in_progress,
 ) -> None:
     """Serve the hub's API with uvicorn (one log line per request and per round event)."""
     import uvicorn
 
     from ..app import create_app
     from ..coordinator import Hub
+    from ..server import uvicorn_config
 
     with user_errors():
         if (tls_cert is None) != (tls_key is None):
@@ -104,6 +117,9 @@ def serve(
             fail("--port must be between 1 and 65535.")
         if log_level not in ("debug", "info", "warning"):
             fail("--log-level must be debug, info or warning.")
+        limits = ServeLimits(header_timeout_s=header_timeout,
+                             body_idle_timeout_s=body_idle_timeout,
+                             max_uploads_in_progress=max_uploads).validated()
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
                             "%(name)s: %(message)s", force=True)
         hub = Hub.open(hub_dir, serve=True)
@@ -112,7 +128,7 @@ def serve(
         logging.getLogger("feddiffuse.hub").info(
             "serving %r on %s://%s:%d/api/v1 (docs at /api/v1/docs)", hub.settings.name,
             scheme, host, port)
-        config = uvicorn.Config(create_app(hub), host=host, port=port,
+        config = uvicorn_config(create_app(hub, limits=limits), limits, host=host, port=port,
                                 ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None,
                                 log_config=None, access_log=False, log_level=log_level,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,7 +17,8 @@ from ..store import HubStore, open_store
 from ..tokens import create_client_token, revoke_client_token
 from ._common import HubDir, user_errors
 
-token_app = typer.Typer(help="Create, list and revoke client tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Create, list and revoke client tokens; rotate the admin's.",
+                        no_args_is_help=True)
 
 
 @contextmanager
@@ -61,11 +63,26 @@ def list_tokens(hub_dir: HubDir,
                    f"{_when(r.revoked_at)}")
 
 
+@token_app.command("rotate-admin")
+def rotate_admin(hub_dir: HubDir) -> None:
+    """Replace the admin token: print the new one once; the old one stops working at once
+    (also for a hub serving this directory now)."""
+    from ..services import TokenService
+
+    with user_errors(), _store(hub_dir) as store:
+        token = TokenService(store, time.time).rotate_admin()
+    typer.echo("New admin token (shown once; keep it safe; the old one no longer works):",
+               err=True)
+    typer.echo(token)
+
+
 @token_app.command("revoke")
 def revoke(hub_dir: HubDir,
            name: Annotated[str, typer.Argument(help="The client whose token to revoke.")]
            ) -> None:
-    """Revoke a client's token: its requests are refused from now on."""
+    """Revoke a client's token: its requests are refused from now on, an upload of it not yet
+    recorded is refused, and it leaves the current round if it has not reported (the hub
+    serving the directory does that within a second)."""
     with user_errors(), _store(hub_dir) as store:
         revoke_client_token(store, name)
     typer.echo(f"Revoked the token of {name!r}.")

@@ -82,6 +82,12 @@ class ParticipantRow:
     download: tuple[str, ...]
     upload: tuple[str, ...]
     seed: int
+    removed_at: float | None = None  # taken out of the round (its token was revoked)
+    removed_reason: str | None = None
+
+    @property
+    def removed(self) -> bool:
+        return self.removed_at is not None
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,22 @@ class UploadRow:
     mean_loss: float | None
     segments: tuple[str, ...]
     received_at: float
+
+
+@dataclass(frozen=True)
+class DownloadTotal:
+    """Bytes sent of one file to one client while `round` was current, over `requests`."""
+
+    round: int
+    client: str
+    version: str
+    segments: str
+    requests: int
+    bytes: int
+
+
+class TokenRevoked(Exception):
+    """An upload's token was revoked before the upload was recorded."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,14 @@ class HubStore(ABC):
         """False if there is no active token of that name."""
 
     @abstractmethod
+    def token(self, name: str) -> TokenRow | None: ...
+
+    @abstractmethod
+    def replace_token_hash(self, name: str, token_hash: str, now: float, event: NewEvent
+                           ) -> bool:
+        """Give token `name` a new hash (the old token stops working); False if unknown."""
+
+    @abstractmethod
     def enrolled_clients(self) -> list[str]:
         """Names of the client tokens not revoked, sorted."""
 
@@ -171,7 +201,19 @@ class HubStore(ABC):
         """Open the federation's current round (it must not exist yet)."""
 
     @abstractmethod
-    def participants(self, round_index: int) -> list[ParticipantRow]: ...
+    def participants(self, round_index: int) -> list[ParticipantRow]:
+        """The round's participants, removed ones included, sorted by client id."""
+
+    @abstractmethod
+    def remove_participants(self, round_index: int, clients: Sequence[str], reason: str,
+                            now: float, event: NewEvent) -> list[str]:
+        """Mark participants of an open round removed (those that have not reported and are
+        not removed already); returns the ones marked."""
+
+    @abstractmethod
+    def restart_round(self, round_index: int, participants: Sequence[ParticipantRow],
+                      deadline: float | None, event: NewEvent) -> None:
+        """Give an open round new participants (none of them in it yet) and a new deadline."""
 
     @abstractmethod
     def participant(self, round_index: int, client: str) -> ParticipantRow | None: ...
@@ -207,11 +249,14 @@ class HubStore(ABC):
 
     @abstractmethod
     def add_upload(self, row: UploadRow, event: NewEvent) -> bool:
-        """False (and nothing written) if the client already has an upload for the round."""
+        """False (and nothing written) if the client already has an upload for the round.
+        Raises TokenRevoked (nothing written) if the client's token is no longer active: the
+        check and the write are one step, so a revocation lands before or after, never
+        between."""
 
     @abstractmethod
-    def add_download(self, round_index: int, client: str, version: str, segments: str,
-                     nbytes: int, now: float) -> None: ...
+    def add_downloads(self, totals: Sequence[DownloadTotal]) -> None:
+        """Add to the running totals, in one step (the hub batches its downloads)."""
 
     @abstractmethod
     def bytes_out(self) -> dict[int, int]:

@@ -1,13 +1,16 @@
 """The SQLite implementation of HubStore: one file, WAL journal, synchronous=FULL.
 
 WAL lets the admin CLI (token create, status) read and write while `serve` runs; FULL makes
-a committed transaction survive a power cut, not only a killed process. One connection is
-shared by the hub's threads behind a lock; every public method is one transaction.
+a committed transaction survive a power cut, not only a killed process. Writes go through one
+connection behind a lock; every public method is one transaction. Reads outside a transaction
+use one connection per thread, so that a manifest never waits behind an upload's fsync (WAL
+readers see every committed transaction and do not block the writer).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,6 +22,7 @@ from .base import (
     CLOSED,
     CLOSING,
     OPEN,
+    DownloadTotal,
     EventRow,
     FederationRow,
     HubStore,
@@ -26,6 +30,7 @@ from .base import (
     ParticipantRow,
     RoundRow,
     SegmentFileRow,
+    TokenRevoked,
     TokenRow,
     UploadRow,
     VersionRow,
@@ -33,7 +38,9 @@ from .base import (
 
 # 2: federation.recipe (the training recipe as JSON) and federation.sample_version (the
 # recipe's EMA of the global model, which clients sample from; NULL: the global itself).
-SCHEMA_VERSION = 2
+# 3: participants.removed_at/removed_reason (a revoked participant leaves its round), and
+# download_totals (bytes sent per round, client and file) instead of one row per request.
+SCHEMA_VERSION = 3
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +77,7 @@ CREATE TABLE rounds (
 CREATE TABLE participants (
     round INTEGER NOT NULL REFERENCES rounds(round), client TEXT NOT NULL,
     download TEXT NOT NULL, upload TEXT NOT NULL, seed INTEGER NOT NULL,
+    removed_at REAL, removed_reason TEXT,
     PRIMARY KEY (round, client)
 );
 CREATE TABLE uploads (
@@ -78,11 +86,11 @@ CREATE TABLE uploads (
     segments TEXT NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, client), FOREIGN KEY (round, client) REFERENCES participants
 );
-CREATE TABLE downloads (
-    id INTEGER PRIMARY KEY, round INTEGER NOT NULL, client TEXT NOT NULL,
-    version TEXT NOT NULL, segments TEXT NOT NULL, bytes INTEGER NOT NULL, at REAL NOT NULL
+CREATE TABLE download_totals (
+    round INTEGER NOT NULL, client TEXT NOT NULL, version TEXT NOT NULL,
+    segments TEXT NOT NULL, requests INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (round, client, version, segments)
 );
-CREATE INDEX downloads_round ON downloads(round);
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
     message TEXT NOT NULL
@@ -108,46 +116,96 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Participants can be removed from a round; downloads are kept as totals."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE participants ADD COLUMN removed_at REAL")
+        db.execute("ALTER TABLE participants ADD COLUMN removed_reason TEXT")
+        db.execute("CREATE TABLE download_totals (round INTEGER NOT NULL, client TEXT NOT "
+                   "NULL, version TEXT NOT NULL, segments TEXT NOT NULL, requests INTEGER NOT "
+                   "NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client, version, "
+                   "segments))")
+        db.execute("INSERT INTO download_totals SELECT round, client, version, segments, "
+                   "COUNT(*), SUM(bytes) FROM downloads GROUP BY round, client, version, "
+                   "segments")
+        db.execute("DROP TABLE downloads")
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    if create:
+        # The file is made 0600 before SQLite opens it; its WAL and shm files take its mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True,
+                         isolation_level=None, check_same_thread=False, timeout=30.0)
+    db.execute("PRAGMA busy_timeout=30000")
+    return db
+
+
 def _segs(value: str) -> tuple[str, ...]:
     return tuple(s for s in value.split(",") if s)
 
 
 class SqliteStore(HubStore):
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path | None = None) -> None:
         self._db = connection
         self._lock = threading.RLock()
+        self._path = path
+        self._local = threading.local()  # this thread's read connection
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def connect(cls, path: str | Path, *, create: bool = False) -> SqliteStore:
         path = Path(path)
-        if create:
-            if path.exists():
-                raise FileExistsError(path)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                 timeout=30.0)
-        else:
-            if not path.is_file():
-                raise FileNotFoundError(path)
-            db = sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True,
-                                 isolation_level=None, check_same_thread=False, timeout=30.0)
+        if create and path.exists():
+            raise FileExistsError(path)
+        if not create and not path.is_file():
+            raise FileNotFoundError(path)
+        db = _connect(path, create=create)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=30000")
-        store = cls(db)
+        store = cls(db, path)
         if create:
             with store._tx() as tx:
                 tx.executescript_parts(_SCHEMA)
         else:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is not None and int(row[0]) == 1:
-                _migrate_1_to_2(db)
-                row = (str(SCHEMA_VERSION),)
+            while row is not None and int(row[0]) in _MIGRATIONS:
+                _MIGRATIONS[int(row[0])](db)
+                row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                                 ).fetchone()
             if row is None or int(row[0]) != SCHEMA_VERSION:
                 db.close()
                 raise ValueError(f"{path} has hub schema {row and row[0]}, this hub reads "
                                  f"{SCHEMA_VERSION}")
         return store
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (the write connection if the store has no path)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._path is None:
+                return self._db
+            db = _connect(self._path, create=False)
+            db.execute("PRAGMA query_only=ON")
+            with self._readers_lock:
+                if self._closed:
+                    db.close()
+                    raise sqlite3.ProgrammingError("the store is closed")
+                self._readers.append(db)
+            self._local.db = db
+        return db
 
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
@@ -160,13 +218,13 @@ class SqliteStore(HubStore):
                 raise
             self._db.execute("COMMIT")
 
+    # A read outside a transaction (a transaction reads through its `_Tx`).
     def _all(self, sql: str, args: Sequence = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._reader().execute(sql, args).fetchall()
 
     def _one(self, sql: str, args: Sequence = ()) -> tuple | None:
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()
+        rows = self._reader().execute(sql, args).fetchall()  # ends the read at once
+        return rows[0] if rows else None
 
     # -- the federation ---------------------------------------------------------------------
 
@@ -224,6 +282,20 @@ class SqliteStore(HubStore):
                 _insert_event(tx, NewEvent(now, None, "token", f"token {name!r} revoked"))
         return bool(n)
 
+    def token(self, name: str) -> TokenRow | None:
+        row = self._one("SELECT name, role, created_at, revoked_at FROM tokens WHERE name = ?",
+                        (name,))
+        return TokenRow(*row) if row else None
+
+    def replace_token_hash(self, name: str, token_hash: str, now: float, event: NewEvent
+                           ) -> bool:
+        with self._tx() as tx:
+            n = tx.run("UPDATE tokens SET token_sha256 = ? WHERE name = ?",
+                       (token_hash, name)).rowcount
+            if n:
+                _insert_event(tx, event)
+        return bool(n)
+
     def enrolled_clients(self) -> list[str]:
         return [r[0] for r in self._all("SELECT name FROM tokens WHERE role = 'client' AND "
                                         "revoked_at IS NULL ORDER BY name")]
@@ -265,15 +337,49 @@ class SqliteStore(HubStore):
             _insert_round(tx, row, participants)
             _insert_event(tx, event)
 
+    _PARTICIPANT_COLS = "round, client, download, upload, seed, removed_at, removed_reason"
+
     def participants(self, round_index: int) -> list[ParticipantRow]:
         return [_participant(r) for r in self._all(
-            "SELECT round, client, download, upload, seed FROM participants WHERE round = ? "
+            f"SELECT {self._PARTICIPANT_COLS} FROM participants WHERE round = ? "
             "ORDER BY client", (round_index,))]
 
     def participant(self, round_index: int, client: str) -> ParticipantRow | None:
-        row = self._one("SELECT round, client, download, upload, seed FROM participants "
+        row = self._one(f"SELECT {self._PARTICIPANT_COLS} FROM participants "
                         "WHERE round = ? AND client = ?", (round_index, client))
         return _participant(row) if row else None
+
+    def remove_participants(self, round_index: int, clients: Sequence[str], reason: str,
+                            now: float, event: NewEvent) -> list[str]:
+        removed = []
+        with self._tx() as tx:
+            status = tx.run("SELECT status FROM rounds WHERE round = ?",
+                            (round_index,)).fetchone()
+            if status is None or status[0] != OPEN:
+                return []
+            for client in clients:
+                n = tx.run("UPDATE participants SET removed_at = ?, removed_reason = ? WHERE "
+                           "round = ? AND client = ? AND removed_at IS NULL AND NOT EXISTS "
+                           "(SELECT 1 FROM uploads u WHERE u.round = participants.round AND "
+                           "u.client = participants.client)",
+                           (now, reason, round_index, client)).rowcount
+                if n:
+                    removed.append(client)
+            if removed:
+                _insert_event(tx, event)
+        return removed
+
+    def restart_round(self, round_index: int, participants: Sequence[ParticipantRow],
+                      deadline: float | None, event: NewEvent) -> None:
+        with self._tx() as tx:
+            status = tx.run("SELECT status FROM rounds WHERE round = ?",
+                            (round_index,)).fetchone()
+            if status is None or status[0] != OPEN:
+                raise RuntimeError(f"round {round_index} is not open")
+            tx.run("UPDATE rounds SET deadline = ? WHERE round = ?", (deadline, round_index))
+            for p in participants:
+                _insert_participant(tx, p)
+            _insert_event(tx, event)
 
     def participated_before(self, client: str, round_index: int) -> bool:
         return self._one("SELECT 1 FROM participants WHERE client = ? AND round < ? LIMIT 1",
@@ -338,6 +444,10 @@ class SqliteStore(HubStore):
     def add_upload(self, row: UploadRow, event: NewEvent) -> bool:
         try:
             with self._tx() as tx:
+                active = tx.run("SELECT 1 FROM tokens WHERE name = ? AND revoked_at IS NULL",
+                                (row.client,)).fetchone()
+                if active is None:
+                    raise TokenRevoked(row.client)
                 tx.run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (row.round, row.client, row.sha256, row.bytes, row.num_samples,
                         row.mean_loss, ",".join(row.segments), row.received_at))
@@ -346,15 +456,18 @@ class SqliteStore(HubStore):
             return False
         return True
 
-    def add_download(self, round_index: int, client: str, version: str, segments: str,
-                     nbytes: int, now: float) -> None:
+    def add_downloads(self, totals: Sequence[DownloadTotal]) -> None:
+        if not totals:
+            return
         with self._tx() as tx:
-            tx.run("INSERT INTO downloads (round, client, version, segments, bytes, at) "
-                   "VALUES (?, ?, ?, ?, ?, ?)",
-                   (round_index, client, version, segments, nbytes, now))
+            for t in totals:
+                tx.run("INSERT INTO download_totals VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT "
+                       "(round, client, version, segments) DO UPDATE SET "
+                       "requests = requests + excluded.requests, bytes = bytes + excluded.bytes",
+                       (t.round, t.client, t.version, t.segments, t.requests, t.bytes))
 
     def bytes_out(self) -> dict[int, int]:
-        return dict(self._all("SELECT round, SUM(bytes) FROM downloads GROUP BY round"))
+        return dict(self._all("SELECT round, SUM(bytes) FROM download_totals GROUP BY round"))
 
     # -- events and housekeeping ------------------------------------------------------------
 
@@ -375,7 +488,11 @@ class SqliteStore(HubStore):
         return out
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._readers_lock:
+            self._closed = True
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
             self._db.close()
 
 
@@ -400,8 +517,13 @@ def _insert_round(tx: _Tx, row: RoundRow, participants: Sequence[ParticipantRow]
            (row.round, row.status, row.base_version, row.opened_at, row.deadline,
             row.closing_at, row.close_reason, row.closed_at, row.result_version))
     for p in participants:
-        tx.run("INSERT INTO participants VALUES (?, ?, ?, ?, ?)",
-               (p.round, p.client, ",".join(p.download), ",".join(p.upload), p.seed))
+        _insert_participant(tx, p)
+
+
+def _insert_participant(tx: _Tx, p: ParticipantRow) -> None:
+    tx.run("INSERT INTO participants VALUES (?, ?, ?, ?, ?, ?, ?)",
+           (p.round, p.client, ",".join(p.download), ",".join(p.upload), p.seed,
+            p.removed_at, p.removed_reason))
 
 
 def _insert_event(tx: _Tx, e: NewEvent) -> None:
@@ -410,7 +532,7 @@ def _insert_event(tx: _Tx, e: NewEvent) -> None:
 
 
 def _participant(row: tuple) -> ParticipantRow:
-    return ParticipantRow(row[0], row[1], _segs(row[2]), _segs(row[3]), row[4])
+    return ParticipantRow(row[0], row[1], _segs(row[2]), _segs(row[3]), row[4], row[5], row[6])
 
 
 def _upload(row: tuple) -> UploadRow:

@@ -1,0 +1,34 @@
+"""How long and how much a serving hub waits for its clients: its defences against slow,
+stalled or too many connections. Settings of `serve` (not of the federation)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from feddiffuse.shared.errors import UserError
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    # From a connection's start (or the end of its previous answer) to the end of the
+    # request's headers; past it the connection is closed. Slow-header clients hold nothing.
+    header_timeout_s: float = 10.0
+    # Longest silence within a request body: a stalled upload is answered 408 and cut off.
+    body_idle_timeout_s: float = 30.0
+    # Uploads being received at once; one more is answered 503 with Retry-After.
+    max_uploads_in_progress: int = 64
+    retry_after_s: int = 5  # what a 503 tells the client to wait
+    keep_alive_s: int = 5  # an idle connection between requests is closed after this
+
+    def validated(self) -> ServeLimits:
+        for name in ("header_timeout_s", "body_idle_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.removesuffix('_s').replace('_', '-')} must be a "
+                                "positive number of seconds.")
+        if self.max_uploads_in_progress < 1:
+            raise UserError("--max-uploads must be at least 1.")
+        if self.retry_after_s < 1 or self.keep_alive_s < 1:
+            raise UserError("Retry-After and keep-alive must be at least 1 second.")
+        return self
