@@ -187,6 +187,17 @@ class Kit:
         it in a `with` inside the hub's own."""
         return ThreadServer(hub, tick_interval, limits)
 
+    def wait_until(self, condition, what: str, timeout: float = 30.0):
+        """Poll `condition` until it returns something true (returned); fail, saying `what`
+        never happened, after `timeout` seconds (a bound for a stuck hub, not a speed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"within {timeout:g} s, never: {what}"
+            time.sleep(0.02)
+
     def free_port(self) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
