@@ -173,7 +173,8 @@ class HubMiddleware:
                 seen["out"] += len(message.get("body", b""))
             await send(message)
 
-        await _run(self.hub.advance)  # e.g. close a round whose deadline passed first
+        if self.hub.due():  # reads only; e.g. a round whose deadline passed closes first
+            await _run(self.hub.advance)
         try:
             await self.app(scope, guarded_receive, guarded_send)
         finally:

@@ -176,6 +176,9 @@ class Hub:
     def advance(self) -> bool:
         return self.rounds.advance()
 
+    def due(self) -> bool:
+        return self.rounds.due()
+
     def close_round_now(self) -> HubStatus:
         self.rounds.close_round_now()
         return self.status()

@@ -122,9 +122,31 @@ class RoundLifecycle:
         if self.advance():
             self._aggregate(self.store.federation().current_round)
 
+    def due(self) -> bool:
+        """Whether `advance` has anything to do: reads only, no lock, so that a request can
+        ask without queueing behind uploads being committed."""
+        if not self._serving():
+            return False
+        fed = self.store.federation()
+        if fed.finished:
+            return False
+        row = self.store.round(fed.current_round)
+        if row is None:
+            return (len(self.store.enrolled_clients()) >= self.settings.min_clients
+                    or ("pending", fed.current_round) not in self._noted)
+        if row.status != OPEN:
+            return True
+        view = round_view(self.store, row.round)
+        if not view.awaited or (row.deadline is not None and self.clock() >= row.deadline):
+            return True
+        active = set(self.store.enrolled_clients())
+        return any(c not in active for c in view.awaited)
+
     def advance(self) -> bool:
         """The quick part of `tick` (open, drop revoked participants, restart, mark closing).
         Returns whether the current round is closing and awaits its aggregation."""
+        if not self.due():
+            return False
         moved = False
         with self._lock:
             if not self._serving():

@@ -265,6 +265,11 @@ class UploadService:
         reach("upload-commit")
         revoked = HubError(ErrorCode.FORBIDDEN, f"the token of {ticket.client!r} was revoked "
                            "before its upload was recorded; the upload is not counted")
+        assert received.temp is not None
+        # The blob goes in place before the lock (a rename and two fsyncs that a round's
+        # close need not wait for); a refused upload's blob is removed again.
+        self.blobs.commit(received.temp, received.sha256)
+        recorded = False
         try:
             with self._lock:
                 row = self.store.round(ticket.round)
@@ -280,8 +285,6 @@ class UploadService:
                 token = self.store.token(ticket.client)
                 if token is None or not token.active:
                     raise revoked
-                assert received.temp is not None
-                self.blobs.commit(received.temp, received.sha256)
                 crash_point("upload-commit")
                 upload = UploadRow(ticket.round, ticket.client, received.sha256, received.bytes,
                                    received.num_samples, received.mean_loss, ticket.segments,
@@ -290,14 +293,19 @@ class UploadService:
                            f"{'+'.join(ticket.segments)} ({received.bytes / 1e6:.2f} MB, "
                            f"{received.num_samples} samples)")
                 try:
-                    self.store.add_upload(upload, NewEvent(upload.received_at, ticket.round,
-                                                           "upload", message))
+                    recorded = self.store.add_upload(upload, NewEvent(
+                        upload.received_at, ticket.round, "upload", message))
                 except TokenRevoked:  # revoked by another process a moment ago
-                    self.blobs.remove(received.sha256)  # no record refers to it
                     raise revoked from None
+                if not recorded:
+                    raise HubError(ErrorCode.CONFLICT, f"{ticket.client} already uploaded for "
+                                   f"round {ticket.round}")
         finally:
-            if received.temp is not None:
-                received.temp.discard()
+            received.temp.discard()
+            if not recorded:
+                with self._lock:  # records are written under it
+                    if not self.store.is_referenced(received.sha256):
+                        self.blobs.remove(received.sha256)
         log.info(message)
         return receipt(upload)
 

@@ -276,4 +276,8 @@ class HubStore(ABC):
         """Every blob name a record refers to."""
 
     @abstractmethod
+    def is_referenced(self, sha256: str) -> bool:
+        """Whether a record refers to blob `sha256`."""
+
+    @abstractmethod
     def close(self) -> None: ...

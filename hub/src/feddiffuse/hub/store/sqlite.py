@@ -487,6 +487,11 @@ class SqliteStore(HubStore):
             out.update(r[0] for r in self._all(sql))
         return out
 
+    def is_referenced(self, sha256: str) -> bool:
+        return self._one("SELECT 1 FROM versions WHERE version = ?1 UNION ALL SELECT 1 FROM "
+                         "segment_files WHERE sha256 = ?1 UNION ALL SELECT 1 FROM uploads WHERE "
+                         "sha256 = ?1 LIMIT 1", (sha256,)) is not None
+
     def close(self) -> None:
         with self._lock, self._readers_lock:
             self._closed = True
