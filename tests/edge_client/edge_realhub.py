@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -74,15 +75,22 @@ class RealHub:
         self._thread: threading.Thread | None = None
         self._hub = None
         self.log = root.parent / f"{root.name}-serve.log"
+        self._verify: ssl.SSLContext | bool = True
 
     # -- serving ------------------------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> RealHub:
-        """Serve in a subprocess (`feddiffuse-hub serve`)."""
+    def start(self, wait: bool = True, tls: tuple[Path, Path, Path] | None = None) -> RealHub:
+        """Serve in a subprocess (`feddiffuse-hub serve`); with `tls` = (certificate, key, the
+        CA that signed it), over HTTPS."""
         out = open(self.log, "ab")  # noqa: SIM115 - the child owns it
+        extra: list[str] = []
+        if tls is not None:
+            extra = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+            self.url = f"https://127.0.0.1:{self.port}"
+            self._verify = ssl.create_default_context(cafile=str(tls[2]))
         self.proc = subprocess.Popen(
             [script("feddiffuse-hub"), "serve", str(self.root), "--port", str(self.port),
-             "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT,
+             "--log-level", "warning", *extra], stdout=out, stderr=subprocess.STDOUT,
             env=quiet_env(), start_new_session=True)
         out.close()
         if wait:
@@ -111,7 +119,8 @@ class RealHub:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"the hub exited: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}{API_PREFIX}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{API_PREFIX}/health", timeout=1,
+                             verify=self._verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

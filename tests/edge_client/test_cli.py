@@ -46,7 +46,7 @@ def test_folder_with_no_images(tmp_path):
     empty.mkdir()
     (empty / "readme.txt").write_text("no pictures here")
     result = invoke("join", "--hub", "http://127.0.0.1:9", "--token", "t", "--data", str(empty))
-    assert_one_sentence(result, "No PNG or JPEG images found in", "choose a folder")
+    assert_one_sentence(result, "No images found in", "choose a folder")
     assert nothing_written()
 
 

@@ -34,6 +34,7 @@ class Client:
         http = HubClient("http://hub.test", f"token-{self.client_id}",
                          transport=self.hub.transport())
         options = ParticipantOptions(data_dir=self.images, device="cpu", once=once,
+                                     await_final=False,
                                      backoff=self.backoff, poll_s=0.01)
 
         def record(event):

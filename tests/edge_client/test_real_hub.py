@@ -6,12 +6,15 @@ What the hub received is read from its own store, so "only the assigned segments
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from edge_images import make_images
@@ -53,7 +56,7 @@ class InProcessClient:
         self.error: BaseException | None = None
 
     def run(self, once: bool = False):
-        options = ParticipantOptions(self.images, "cpu", once=once,
+        options = ParticipantOptions(self.images, "cpu", once=once, await_final=False,
                                      backoff=Backoff(initial=0.05, maximum=0.5), poll_s=0.2)
         with HubClient(self.url, self.token) as hub:
             return Participant(hub, self.store, options, self.events.append).run()
@@ -119,6 +122,45 @@ def test_two_clients_two_rounds_against_the_hub(method, tmp_path):
         hub.stop()
 
 
+def hub_manifest(hub: RealHub, name: str) -> dict:
+    r = httpx.get(f"{hub.url}/api/v1/manifest",
+                  headers={"Authorization": f"Bearer {hub.tokens[name]}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_sample_says_when_the_hub_has_a_newer_model(tmp_path):
+    hub = RealHub(tmp_path / "hub", method="full", rounds=2).start()
+    try:
+        homes = {n: tmp_path / n / "home" for n in ("alice", "bob")}
+        procs = {n: subprocess.Popen(
+            join_cmd(hub, n, make_images(tmp_path / n / "images", seed=len(n)), "--once"),
+            env=quiet_env(homes[n]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) for n in homes}
+        for p in procs.values():
+            out = p.communicate(timeout=240)[0]
+            assert p.returncode == 0, out
+            assert "holds its final model" not in out  # round 1 of 2: --once returns
+        hub.wait_for(lambda s: s.federation.current_round == 2, what="round 2 to open")
+        newer = hub_manifest(hub, "alice")["global_version"]
+        grid = tmp_path / "grid.png"
+        sample = subprocess.run([script("feddiffuse-client"), "sample", "--n", "2", "--steps",
+                                 "2", "--out", str(grid), "--device", "cpu"],
+                                env=quiet_env(homes["alice"]), capture_output=True, text=True,
+                                timeout=120)
+        assert sample.returncode == 0, sample.stderr
+        assert "after 0 round(s)" in sample.stdout  # it holds round 1's starting model
+        assert (f"Note: the hub has a newer model than the one sampled here (the global "
+                f"model of round 2, {newer[:12]}); `feddiffuse-client join` fetches it."
+                in sample.stdout), sample.stdout
+        status = subprocess.run([script("feddiffuse-client"), "status", "--json"],
+                                env=quiet_env(homes["alice"]), capture_output=True, text=True,
+                                timeout=120)
+        assert json.loads(status.stdout)["newer_on_hub"] == newer
+    finally:
+        hub.stop()
+
+
 def join_cmd(hub: RealHub, name: str, data, *extra: str) -> list[str]:
     return [script("feddiffuse-client"), "join", "--hub", hub.url, "--token", hub.tokens[name],
             "--data", str(data), "--device", "cpu", *FAST, *extra]
@@ -137,21 +179,39 @@ def test_cli_join_status_and_sample_with_two_clients(tmp_path):
             assert p.returncode == 0, outputs[n]
             assert "Training on cpu: CPU, as asked." in outputs[n]
             assert "Round 1: uploaded" in outputs[n]
+            # `--once` on the last round stays until the final model is published.
+            assert "holds its final model" in outputs[n], outputs[n]
         hub.wait_for(lambda s: s.federation.finished, what="the federation to finish")
+        final = hub_manifest(hub, "alice")
+        assert final["phase"] == "finished" and final["round"] == 1
         status = subprocess.run([script("feddiffuse-client"), "status"], env=quiet_env(
             homes["alice"]), capture_output=True, text=True, timeout=120)
         assert status.returncode == 0, status.stderr
         assert hub.url in status.stdout and "edge-test" in status.stdout
         assert "last report  round 1" in status.stdout
+        assert "newer on hub" not in status.stdout
+        for n in homes:
+            as_json = subprocess.run([script("feddiffuse-client"), "status", "--json"],
+                                     env=quiet_env(homes[n]), capture_output=True, text=True,
+                                     timeout=120)
+            report = json.loads(as_json.stdout)
+            assert report["global_model"]["version"] == final["global_version"], report
+            assert report["global_model"]["rounds_completed"] == 1
+            assert report["finished"] is True and report["newer_on_hub"] is None
+            assert report["hub_round"]["phase"] == "finished"
+            assert "holds its final model" in Path(report["log"]).read_text()
         token_file = next((homes["alice"] / "client" / "hubs").iterdir()) / "token"
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         grid = tmp_path / "grid.png"
         sample = subprocess.run([script("feddiffuse-client"), "sample", "--n", "4", "--steps",
                                  "2", "--out", str(grid), "--device", "cpu"],
                                 env=quiet_env(homes["alice"]), capture_output=True, text=True,
-                                timeout=120)
+                                timeout=120, umask=0o022)
         assert sample.returncode == 0, sample.stderr
         assert grid.is_file() and str(grid) in sample.stdout
+        assert f"global model {final['global_version'][:12]} after 1 round(s)" in sample.stdout
+        assert "newer model" not in sample.stdout
+        assert oct(grid.stat().st_mode & 0o777) == "0o644"  # a picture to share
     finally:
         hub.stop()
 
@@ -188,7 +248,9 @@ def test_killed_during_training_resumes_from_the_last_epoch(how, tmp_path):
         assert "resuming from the checkpoint of epoch 1/3" in again.stdout, again.stdout
         done = re.findall(r"epoch (\d)/3 loss", again.stdout)
         assert done == ["2", "3"]
-        assert "downloading" not in again.stdout  # the global model was already on disk
+        # The round's global model was already on disk; only the final one is fetched.
+        assert "[downloading] round 1" not in again.stdout
+        assert "holds its final model" in again.stdout, again.stdout
         assert [r.client for r in hub.received()] == ["alice"]
     finally:
         hub.stop()
@@ -298,5 +360,62 @@ def test_revoked_token_is_reported_in_one_sentence(tmp_path):
         assert "wrong or has been revoked" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert not home.exists()
+    finally:
+        hub.stop()
+
+
+def make_private_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 that it signed, made with openssl."""
+    folder.mkdir(parents=True)
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "hub.key",
+                                                         "hub.csr", "hub.pem"))
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+            str(ca), "-days", "2", "-subj", "/CN=FedDiffuse test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return cert, key, ca
+
+
+def test_ca_cert_lets_the_client_trust_a_hub_with_a_private_certificate(tmp_path):
+    cert, key, ca = make_private_ca(tmp_path / "tls")
+    hub = RealHub(tmp_path / "hub", method="full", clients=("alice",), rounds=1)
+    hub.start(tls=(cert, key, ca))
+    try:
+        home = tmp_path / "home"
+        images = make_images(tmp_path / "images", n=16)
+        # Without --ca-cert: one sentence that names the certificate, nothing written.
+        res = subprocess.run(join_cmd(hub, "alice", images, "--once"), env=quiet_env(home),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert "presented a certificate this machine does not trust" in lines[0]
+        assert "--ca-cert" in lines[0]
+        assert not (home / "client" / "hubs").exists()
+        # A file that is not a certificate: one sentence too.
+        bogus = tmp_path / "not-a-cert.pem"
+        bogus.write_text("hello")
+        res = subprocess.run(join_cmd(hub, "alice", images, "--once", "--ca-cert", str(bogus)),
+                             env=quiet_env(home), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "is not a PEM certificate file" in res.stderr, res.stderr
+        # With the CA: the federation runs over HTTPS, and the CA is remembered for the hub.
+        res = subprocess.run(join_cmd(hub, "alice", images, "--once", "--ca-cert", str(ca)),
+                             env=quiet_env(home), capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "holds its final model" in res.stdout
+        status = subprocess.run([script("feddiffuse-client"), "status", "--json"],
+                                env=quiet_env(home), capture_output=True, text=True,
+                                timeout=120)
+        report = json.loads(status.stdout)
+        assert report["ca_cert"] == str(ca.resolve()) and report["hub_error"] is None
+        assert report["hub_round"]["phase"] == "finished"
     finally:
         hub.stop()

@@ -6,6 +6,7 @@ headless commands. Mistakes the user can fix end with one sentence and exit code
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -24,9 +25,23 @@ EXIT_USER_ERROR = 2
 EXIT_HUB_ERROR = 1
 EXIT_INTERRUPTED = 130
 
+EXAMPLES = """Examples:
+
+  feddiffuse-client                      open the terminal app
+
+  feddiffuse-client join --hub https://hub.example.org:8000 --token T --data ~/Pictures/archive
+
+  feddiffuse-client join                 rejoin the last hub with the saved token and folder
+
+  feddiffuse-client sample --n 16 --out grid.png
+
+  feddiffuse-client status --json
+"""
+
 app = typer.Typer(
     help="FedDiffuse edge client: train the shared diffusion model on your own images. "
          "Run it without a command to open the terminal app.",
+    epilog=EXAMPLES,
     invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -52,8 +67,17 @@ def _friendly_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(ctx: typer.Context) -> None:
+def _root(ctx: typer.Context,
+          show_version: Annotated[bool, typer.Option(
+              "--version", metavar="", help="Print the version and exit.",
+              callback=_print_version, is_eager=True)] = False) -> None:
     """Without a command: open the terminal app."""
     if ctx.invoked_subcommand is None:
         from .tui.app import ClientApp
@@ -61,7 +85,9 @@ def _root(ctx: typer.Context) -> None:
         ClientApp().run()
 
 
-@app.command()
+@app.command(epilog="Example: feddiffuse-client join --hub https://hub.example.org:8000 "
+                    "--token T --data ~/Pictures/archive  (then plain `feddiffuse-client join` "
+                    "rejoins with the saved settings)")
 def join(
     hub: Annotated[str | None, typer.Option(help="The hub's URL, e.g. http://hub:8000 "
                                                  "(default: the last one used).")] = None,
@@ -77,8 +103,11 @@ def join(
         "--ca-cert", help="A PEM file of the certificate authority that signed the hub's TLS "
                           "certificate, for a hub with a private or self-signed certificate "
                           "(remembered for this hub).")] = None,
-    once: Annotated[bool, typer.Option("--once", help="Do a single round, then exit.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Keep trying when a hub never reached "
+    once: Annotated[bool, typer.Option(
+        "--once", metavar="", help="Do a single round, then exit (after the last round: once "
+                                   "the final model is fetched).")] = False,
+    wait: Annotated[bool, typer.Option("--wait", metavar="",
+                                       help="Keep trying when a hub never reached "
                                                       "before is down (a known hub is "
                                                       "always retried).")] = False,
     max_retries: Annotated[int | None, typer.Option(help="Give up after this many failed "
@@ -148,10 +177,14 @@ def sample(
     """Sample images from your current model (the global model plus your personal segments)."""
     with _friendly_errors():
         from .sampling import sample_grid
+        from .status import newer_model_note
 
         store = _store_for(hub)
         result = sample_grid(store, n, steps, out, device=device, seed=seed)
         typer.echo(f"{result.description}: wrote {result.path}")
+        newer = newer_model_note(store)
+        if newer:
+            typer.echo(f"Note: {newer}")
         if result.note:
             typer.echo(f"Note: {result.note}")
 
@@ -160,14 +193,20 @@ def sample(
 def status(
     hub: Annotated[str | None, typer.Option(help="Which hub (default: the last one used).")
                    ] = None,
-    offline: Annotated[bool, typer.Option("--offline", help="Do not ask the hub, show only "
+    offline: Annotated[bool, typer.Option("--offline", metavar="",
+                                          help="Do not ask the hub, show only "
                                                             "the local state.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print it as one JSON object.")
+                       ] = False,
 ) -> None:
     """Print the hub, its current round, and what this client holds locally."""
     with _friendly_errors():
-        from .status import status_lines
+        from .status import status_lines, status_report
 
         store = _store_for(hub)
+        if as_json:
+            typer.echo(json.dumps(status_report(store, ask_hub=not offline), indent=2))
+            return
         for label, value in status_lines(store, ask_hub=not offline):
             typer.echo(f"{label:<13}{value}")
 

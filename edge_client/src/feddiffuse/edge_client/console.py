@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 from . import events as ev
@@ -12,13 +14,14 @@ from . import events as ev
 class ConsoleReporter:
     """An `Emit` that prints one line per event worth a line; progress at every quarter."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, stamp: str = "%H:%M:%S") -> None:
         self.stream = stream or sys.stdout
+        self.stamp = stamp
         self._quarters: dict[str, int] = {}
         self._last_phase: tuple[str, str] | None = None
 
     def line(self, text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
+        print(f"{time.strftime(self.stamp)} {text}", file=self.stream, flush=True)
 
     def __call__(self, event: ev.Event) -> None:
         match event:
@@ -49,3 +52,38 @@ class ConsoleReporter:
                           f"{delay:.1f} s")
             case _:
                 pass
+
+
+class FileLog:
+    """The same lines, dated, appended to a hub's log file (kept across runs and restarts).
+
+    The file is opened on the first event and closed by `close()`; past `MAX_BYTES` it is
+    moved to `<name>.1` (one generation kept) when a run starts. A log that cannot be written
+    (a full disk) never stops the client: the line is dropped."""
+
+    MAX_BYTES = 4_000_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reporter: ConsoleReporter | None = None
+        self._failed = False
+
+    def __call__(self, event: ev.Event) -> None:
+        if self._failed:
+            return
+        try:
+            if self._reporter is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                if self.path.is_file() and self.path.stat().st_size > self.MAX_BYTES:
+                    self.path.replace(self.path.with_name(self.path.name + ".1"))
+                stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                self._reporter = ConsoleReporter(stream, stamp="%Y-%m-%d %H:%M:%S")
+            self._reporter(event)
+        except OSError:
+            self._failed = True
+
+    def close(self) -> None:
+        if self._reporter is not None:
+            with contextlib.suppress(OSError):
+                self._reporter.stream.close()
+            self._reporter = None

@@ -5,7 +5,6 @@ Each check raises SetupError with one sentence that says what to do, and writes 
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field

@@ -44,6 +44,7 @@ from feddiffuse.shared.wire import (
 
 from . import events as ev
 from .backoff import Backoff, call_with_retry
+from .console import FileLog
 from .errors import (
     Cancelled,
     DownloadCorrupt,
@@ -71,6 +72,10 @@ class ParticipantOptions:
     data_dir: Path
     device: str = "auto"
     once: bool = False
+    # After taking part in the last round, stay until the final model is published and fetch
+    # it, even with `once`. Only tests that drive several clients one after another in one
+    # thread turn it off (the others' uploads cannot come while this one waits).
+    await_final: bool = True
     backoff: Backoff = field(default_factory=Backoff)
     poll_s: float = 5.0  # how often to ask for a new round when the hub gives no hint
     poll_max_s: float = 60.0
@@ -110,7 +115,13 @@ class Participant:
         self.hub = hub
         self.store = store
         self.options = options
-        self.emit = emit
+        self._log = FileLog(store.log_path)
+
+        def emit_and_log(event: ev.Event) -> None:
+            self._log(event)
+            emit(event)
+
+        self.emit = emit_and_log
         self.stop = stop or threading.Event()
         self._images: dict[str, torch.Tensor] = {}
         self._device: torch.device | None = None
@@ -120,6 +131,12 @@ class Participant:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
+        try:
+            return self._run()
+        finally:
+            self._log.close()
+
+    def _run(self) -> RunOutcome:
         outcome = RunOutcome()
         device, reason = describe_device(self.options.device)
         self._device = device
@@ -150,15 +167,25 @@ class Participant:
                                           "current round.", "warning"))
                     continue
                 outcome.rounds_done.append(manifest.round)
-                if self.options.once:
+                if self.options.once and not self._last_round(manifest):
                     return outcome
                 continue
             if manifest.phase == RoundPhase.REPORTED and self._adopt_report(manifest):
                 outcome.rounds_done.append(manifest.round)
-                if self.options.once:
+                if self.options.once and not self._last_round(manifest):
                     return outcome
                 continue
             self._wait_for_next_round(manifest)
+
+    def _last_round(self, manifest: Manifest) -> bool:
+        """Whether `manifest`'s round is the federation's last. A client that took part in it
+        stays (even with `once`) until the hub publishes the final model, and fetches it, so
+        that no federation ends with the client holding a model older than the final one."""
+        if manifest.round < manifest.rounds or not self.options.await_final:
+            return False
+        self.emit(ev.LogEvent(f"Round {manifest.round} was the last one: waiting for the hub to "
+                              "publish the final model."))
+        return True
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -454,13 +481,15 @@ class Participant:
         want |= {s for s in SEGMENTS if not have(s, at_version=False)}
         want |= {s for s in manifest.upload_segments if not have(s, at_version=True)}
         segments = tuple(s for s in SEGMENTS if s in want)
+        final = manifest.phase == RoundPhase.FINISHED
+        label = "The final model" if final else f"Round {manifest.round}"
         if not segments:
-            self.emit(ev.LogEvent(f"Round {manifest.round}: the global model {version[:12]} "
-                                  "is already here."))
+            self.emit(ev.LogEvent(f"{label}: the global model {version[:12]} is already "
+                                  "here."))
             return held.tensors
         expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()
                     if seg_of[n] in want}
-        self.emit(ev.PhaseEvent("downloading", f"round {manifest.round}: downloading "
+        self.emit(ev.PhaseEvent("downloading", f"{label[0].lower()}{label[1:]}: downloading "
                                 f"{', '.join(segments)} of global model {version[:12]}"))
         tensors, dest = self._download_checked(version, segments, expected,
                                                f"downloading global model {version[:12]}")
@@ -469,7 +498,7 @@ class Participant:
                                          manifest.round)
         self.store.update_info(global_version=version, global_round=manifest.round)
         self.store.clear_downloads()
-        self.emit(ev.LogEvent(f"Round {manifest.round}: downloaded {', '.join(segments)} "
+        self.emit(ev.LogEvent(f"{label}: downloaded {', '.join(segments)} "
                               f"({size / 1e6:.2f} MB), verified."))
         return merged.tensors
 
@@ -508,8 +537,10 @@ class Participant:
         self.store.update_info(finished=True)
         self.emit(ev.PhaseEvent("finished", f"the federation {manifest.federation} finished "
                                 f"after {manifest.rounds} rounds"))
-        self.emit(ev.LogEvent("The federation is finished: sample from the final model with "
-                              "`feddiffuse-client sample`."))
+        held = self.store.load_global().version or manifest.global_version
+        self.emit(ev.LogEvent(f"The federation is finished and this client holds its final "
+                              f"model ({held[:12]}, after round {manifest.rounds}): sample from "
+                              "it with `feddiffuse-client sample`."))
 
     def _ensure_sample_model(self, manifest: Manifest) -> None:
         """Download the hub's EMA of the global model (the one to sample from), if new."""

@@ -142,6 +142,11 @@ class HubStore:
     def samples_dir(self) -> Path:
         return self.root / "samples"
 
+    @property
+    def log_path(self) -> Path:
+        """The client's log for this hub: every run's events, appended (see console.FileLog)."""
+        return self.root / "client.log"
+
     def exists(self) -> bool:
         return self.info_path.is_file()
 

@@ -32,5 +32,5 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     buf = io.BytesIO()
     grid_image(images, nrow).save(buf, format="PNG")
     path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), mode=0o666)  # a picture to share, not a secret
     return path

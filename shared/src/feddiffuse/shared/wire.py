@@ -203,12 +203,31 @@ def decode_tensors(data: bytes, expected_shapes: Mapping[str, tuple[int, ...]] |
     return tensors, dict(metadata)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o077)  # elsewhere: set and restore at once
+    os.umask(current)
+    return current
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one.
+
+    The file is private (0600) unless `mode` is given, e.g. 0o666 for a picture meant to be
+    shared, which the process umask then narrows as for any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -3,7 +3,9 @@
 Every raster format Pillow reads is used (PNG, JPEG, BMP, GIF's first frame, TIFF's first
 page, WebP, PNM, TGA, ...). Hidden files and folders, and the thumbnail and metadata
 folders that photo tools, NAS boxes and archivers write (`.thumbnails`, `@eaDir`,
-`__MACOSX`, `.AppleDouble`, ...), are not images of the owner's and are skipped. Every image is converted to ``L`` (1 channel) or ``RGB`` (3 channels); transparent images
+`__MACOSX`, `.AppleDouble`, ...), are not images of the owner's and are skipped.
+
+Every image is converted to ``L`` (1 channel) or ``RGB`` (3 channels); transparent images
 are laid on white first. It is then resized so that its short side equals ``image_size``
 (bicubic, antialiased by PIL) and centre-cropped to ``image_size x image_size``. Files that
 cannot be decoded are skipped and reported in one warning.
@@ -203,7 +205,8 @@ def load_image_folder(
     *,
     seed: int | None = None,
 ) -> ImageDataset:
-    """Every image under ``path`` (recursive, sorted paths; see `walk_images`) as ``channels x S x S`` uint8.
+    """Every image under ``path`` (recursive, sorted paths; see `walk_images`) as
+    ``channels x S x S`` uint8.
 
     ``limit`` keeps at most that many usable images: the first ones in sorted order, or,
     when ``seed`` is given, a seeded random choice (returned in sorted-path order). The
