@@ -24,12 +24,16 @@ from feddiffuse.edge_client.session import Joined  # noqa: E402
 from feddiffuse.edge_client.state import HubStore  # noqa: E402
 from feddiffuse.edge_client.tui.app import ClientApp  # noqa: E402
 from feddiffuse.edge_client.tui.screens import dashboard  # noqa: E402
+from feddiffuse.edge_client.tui.screens.confirm_quit import ConfirmQuit  # noqa: E402
 from feddiffuse.edge_client.tui.screens.dashboard import Dashboard  # noqa: E402
+from feddiffuse.edge_client.tui.screens.help import HelpScreen  # noqa: E402
 from feddiffuse.edge_client.tui.screens.samples import SamplesScreen  # noqa: E402
+from feddiffuse.edge_client.tui.screens.setup import SetupScreen  # noqa: E402
+from feddiffuse.edge_client.tui.widgets.image_view import ImageView  # noqa: E402
 from feddiffuse.shared.protocol import Manifest, TrainingSettings  # noqa: E402
 
 DEVICES = [("Auto: CPU (no CUDA GPU or Apple MPS found)", "auto"), ("CPU", "cpu")]
-SIZE = (100, 36)
+SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24")]
 URL = "http://hub.example.org:8000"
 
 
@@ -59,12 +63,14 @@ async def no_focus(pilot):
     await pilot.pause()
 
 
-def test_setup_screen(snap_compare):
-    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE,
+@pytest.mark.parametrize("size", SIZES)
+def test_setup_screen(snap_compare, size):
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=size,
                         run_before=no_focus)
 
 
-def test_setup_screen_with_a_bad_url(snap_compare):
+@pytest.mark.parametrize("size", SIZES)
+def test_setup_screen_with_a_bad_url(snap_compare, size):
     shown: list[str] = []
 
     async def fill(pilot):
@@ -78,13 +84,14 @@ def test_setup_screen_with_a_bad_url(snap_compare):
         await wait_until(pilot, lambda: error.has_class("-bad"), what="the URL error")
         shown.append(str(error.render()))
 
-    matches = snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE,
+    matches = snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=size,
                            run_before=fill)
     assert shown and "is not a valid hub URL" in shown[0], "the error was never displayed"
     assert matches
 
 
-def test_dashboard(snap_compare, monkeypatch):
+@pytest.mark.parametrize("size", SIZES)
+def test_dashboard(snap_compare, monkeypatch, size):
     monkeypatch.setattr(dashboard, "clock_time", lambda: "12:00:00")
 
     async def feed(pilot):
@@ -107,24 +114,77 @@ def test_dashboard(snap_compare, monkeypatch):
                                             for line in log.lines), what="the last event")
 
     app = still(ClientApp(devices=DEVICES, autostart=False))
-    assert snap_compare(app, terminal_size=SIZE, run_before=feed)
+    assert snap_compare(app, terminal_size=size, run_before=feed)
 
 
-def test_samples_screen_with_a_grid(snap_compare):
+@pytest.mark.parametrize("size", SIZES)
+def test_samples_screen_with_a_grid(snap_compare, size):
     y, x = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
-    images = torch.stack([(torch.cos(3 * (x * k + y)) * 0.9).unsqueeze(0)
-                          for k in (0.5, 1.0, 1.5, 2.0)])
+    # 16 images: a 4 x 4 grid, which must fit whole at 80 columns as at 120.
+    images = torch.stack([(torch.cos(3 * (x * k + y * (1 + j % 2))) * 0.9).unsqueeze(0)
+                          for j, k in enumerate(torch.linspace(0.5, 2.0, 16).tolist())])
 
     async def show(pilot):
         pilot.app.push_screen(SamplesScreen(joined()))
         await wait_until(pilot, lambda: on_screen(pilot.app, SamplesScreen),
                          what="the samples screen")
         result = SampleResult(Path("/data/samples/grid.png"), images,
-                              "4 samples from the global model abababababab, DDIM 50 steps")
+                              "16 samples from the global model abababababab, DDIM 50 steps")
         pilot.app.screen.post_message(SamplesScreen.Done(
             result, f"{result.description}. Saved to {result.path}"))
         pilot.app.screen.set_focus(None)  # no blinking cursor in the picture
         screen = pilot.app.screen
         await wait_until(pilot, lambda: screen.result is result, what="the grid")
+        view = screen.query_one("#grid", ImageView)
+        await wait_until(pilot, lambda: view.scale is not None, what="the grid's scale")
+        assert view.fit and "Scaled to fit" in str(screen.query_one("#grid-scale").render())
 
-    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=SIZE, run_before=show)
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=size, run_before=show)
+
+
+def finished_joined() -> Joined:
+    j = joined()
+    j.store.update_info(federation="clinic-study", method="usplit", preset="tiny", rounds=15,
+                        client_id="alice", global_version="cd" * 32, global_round=15,
+                        finished=True)
+    return j
+
+
+def test_dashboard_of_a_finished_federation_at_80x24(snap_compare, monkeypatch):
+    """Item 7 and the small terminal: finished, with its model, and the buttons visible."""
+    monkeypatch.setattr(dashboard, "clock_time", lambda: "12:00:00")
+
+    async def show(pilot):
+        pilot.app.open_dashboard(finished_joined())
+        await wait_until(pilot, lambda: on_screen(pilot.app, Dashboard), what="the dashboard")
+
+    app = still(ClientApp(devices=DEVICES, autostart=True))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=show)
+
+
+def test_quit_confirmation_while_training(snap_compare, monkeypatch):
+    monkeypatch.setattr(dashboard, "clock_time", lambda: "12:00:00")
+
+    async def ask(pilot):
+        pilot.app.open_dashboard(joined())
+        await wait_until(pilot, lambda: on_screen(pilot.app, Dashboard), what="the dashboard")
+        screen = pilot.app.screen
+        screen.running = True  # as if its loop ran: the worker itself is not started here
+        screen.post_message(Dashboard.Update(ev.PhaseEvent("training", "round 2: training")))
+        await wait_until(pilot, lambda: screen.phase == "training", what="the phase")
+        await pilot.press("q")
+        await wait_until(pilot, lambda: on_screen(pilot.app, ConfirmQuit), what="the question")
+
+    app = still(ClientApp(devices=DEVICES, autostart=False))
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ask)
+
+
+def test_help_screen(snap_compare):
+    async def ask(pilot):
+        await wait_until(pilot, lambda: on_screen(pilot.app, SetupScreen), what="Setup")
+        await pilot.press("tab")  # from the URL field (which would type "?") to the next
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: on_screen(pilot.app, HelpScreen), what="the help")
+
+    assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=(120, 40),
+                        run_before=ask)

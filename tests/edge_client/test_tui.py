@@ -141,7 +141,7 @@ async def test_cancel_stops_training_at_the_next_step(tmp_path, monkeypatch):
 @pytest.mark.parametrize("url, token, data, expected", [
     ("hub.example.org", "t", "IMAGES", "is not a valid hub URL"),
     ("http://127.0.0.1:PORT", "t", "IMAGES", "Cannot reach a hub at"),
-    ("http://hub.test", "token-client-a", "EMPTY", "No PNG or JPEG images found"),
+    ("http://hub.test", "token-client-a", "EMPTY", "No images found"),
     ("http://hub.test", "wrong-token", "IMAGES", "wrong or has been revoked"),
 ])
 async def test_bad_input_is_one_sentence_and_nothing_is_written(tmp_path, url, token, data,
@@ -178,7 +178,7 @@ async def test_folder_browser_shows_counts_and_fills_the_folder(tmp_path, monkey
         scan = picker.query_one("#picker-scan", Static)
         await wait_until(pilot, lambda: "5 usable images" in text_of(scan),
                          what="the first scan")
-        await pilot.press("down")  # "cats" (sorted first)
+        await pilot.press("down", "down")  # past "..": "cats" (sorted first)
         await wait_until(pilot, lambda: picker.highlighted.name == "cats")
         await wait_until(pilot, lambda: "cats: 5 usable images" in text_of(scan))
         await pilot.click("#choose")
@@ -254,8 +254,14 @@ async def test_settings_persist_and_the_hub_can_be_rejoined(tmp_path, monkeypatc
             assert not hub.uploads
     finally:
         gate.close()
-    second = ClientApp(devices=DEVICES)
-    async with second.run_test(size=SIZE):
+    # The next start lands on the dashboard of that hub (not started here: the fake hub is
+    # gone), and Setup still holds every choice.
+    second = ClientApp(devices=DEVICES, autostart=False)
+    async with second.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: on_screen(second, Dashboard), what="the dashboard")
+        assert second.screen.joined.url == "http://hub.test"
+        await pilot.press("e")
+        await wait_until(pilot, lambda: on_screen(second, SetupScreen), what="Setup")
         screen = second.screen
         assert screen.query_one("#hub-url", Input).value == "http://hub.test"
         assert screen.query_one("#token", Input).value == "token-client-a"

@@ -3,7 +3,8 @@
 Everything lives under one folder: ``$FEDDIFFUSE_HOME/client`` when that variable is set (tests
 and portable installs), else the platform's user data folder (platformdirs). Settings are
 the last choices made in the terminal app or on the command line (hub URL, image folder,
-device); the token is not a setting, it sits in the hub's state folder with mode 0600.
+device, how the Samples screen shows a grid); the token is not a setting, it sits in the
+hub's state folder with mode 0600.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Settings(BaseModel):
     device: str = "auto"
     sample_count: int = Field(default=64, ge=1, le=1024)
     sample_steps: int = Field(default=50, ge=1, le=1000)
+    grid_fit: bool = True  # the Samples screen fits the grid to the window (else full size)
 
     @classmethod
     def load(cls, path: Path | None = None) -> Settings:
