@@ -1,5 +1,8 @@
 """The participant loop: fetch the manifest, download, train, upload, wait; again.
 
+This module talks to the hub and decides what to do next; the round's own work (checkpoints,
+resume, the round record, the delta) is `round_work.RoundWork`.
+
 One round, as the hub's manifest describes it:
 
 1. download the segments it names (and any the client lacks), verify and merge them into the
@@ -15,8 +18,6 @@ the loop asks for the current manifest again. Everything is reported through `ev
 
 from __future__ import annotations
 
-import json
-import math
 import threading
 import time
 import warnings
@@ -28,18 +29,13 @@ import torch
 from feddiffuse.shared.data import load_image_folder
 from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.errors import DataNotFoundError, UserError, WireFormatError
-from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import SEGMENTS, build_unet, get_preset, segment_map
 from feddiffuse.shared.protocol import Manifest, RoundPhase
-from feddiffuse.shared.recipes import Recipe, recipe_from_training, update_ema
-from feddiffuse.shared.training import EpochReport, TrainConfig, select_device, train_local
+from feddiffuse.shared.recipes import Recipe, recipe_from_training
+from feddiffuse.shared.training import select_device
 from feddiffuse.shared.wire import (
-    atomic_write_bytes,
     decode_tensors,
-    encode_tensors,
-    load_weights,
     read_metadata_value,
-    save_weights,
 )
 
 from . import events as ev
@@ -54,17 +50,19 @@ from .errors import (
 )
 from .hub_client import HubClient
 from .inputs import scan_image_folder
+from .round_work import (
+    CRASH_AFTER_EPOCH_ENV,
+    PAUSE_AFTER_EPOCH_ENV,
+    PROGRESS_INTERVAL_S,
+    RoundWork,
+    saved_work_matches,
+)
 from .state import HubStore
 
-# Test hook (documented in the README of the tests): exit the process at once, as a crash
-# would, right after the checkpoint of this epoch is written.
-CRASH_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_CRASH_AFTER_EPOCH"
-# Test hook: stop the process (SIGSTOP, once) at the same point, so a test can act while the
-# client is surely mid-round (kill it, kill the hub) and then SIGCONT or kill it.
-PAUSE_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_PAUSE_AFTER_EPOCH"
-PROGRESS_INTERVAL_S = 0.1
 LONG_POLL_S = 5.0  # the longest a waiting client's manifest request is held by the hub
-OPTIM_PREFIX = "optim."  # checkpoint tensors holding Adam's state, beside the weights
+
+__all__ = ["CRASH_AFTER_EPOCH_ENV", "PAUSE_AFTER_EPOCH_ENV", "Participant", "ParticipantOptions",
+           "RunOutcome", "describe_device", "load_training_images"]
 
 
 @dataclass
@@ -255,7 +253,7 @@ class Participant:
         round_dir = self.store.round_dir(r, version)
         self.store.clear_rounds(keep=round_dir)
         upload_path = round_dir / "upload.safetensors"
-        if not self._round_matches(round_dir, manifest):
+        if not saved_work_matches(round_dir, manifest):
             self.store.clear_rounds()
         if not upload_path.is_file():
             self._train_round(manifest, round_dir, upload_path)
@@ -284,91 +282,12 @@ class Participant:
                               "update (its receipt was lost on the way)."))
         return True
 
-    def _round_matches(self, round_dir: Path, manifest: Manifest) -> bool:
-        """Whether the work in `round_dir` was done for this very assignment."""
-        path = round_dir / "round.json"
-        if not path.is_file():
-            return True
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return saved.get("assignment") == _assignment(manifest)
-
     def _train_round(self, manifest: Manifest, round_dir: Path, upload_path: Path) -> None:
-        r, version = manifest.round, manifest.global_version
-        model = build_unet(manifest.preset)
-        seg_of = segment_map(model)
         images = self._training_images(manifest.preset)
-        held = self._ensure_global(manifest, seg_of)
-        personal_segs = personal_segments(manifest.method)
-        recipe = self._recipe(manifest)
-        config = recipe.train_config(epochs=manifest.training.local_epochs,
-                                     images=int(images.shape[0]), round_index=r,
-                                     rounds=manifest.rounds,
-                                     batch_size=manifest.training.batch_size)
-        record_path = round_dir / "round.json"
-        record = _read_record(record_path) or {"assignment": _assignment(manifest),
-                                               "epochs": []}
-        checkpoint = self.store.latest_checkpoint(round_dir)
-        start_epoch = 0
-        optimizer_state: dict[str, torch.Tensor] = {}
-        if checkpoint is not None:
-            tensors, _ = load_weights(checkpoint[1])
-            optimizer_state = {n[len(OPTIM_PREFIX):]: t for n, t in tensors.items()
-                               if n.startswith(OPTIM_PREFIX)}
-            model.load_state_dict({n: t for n, t in tensors.items()
-                                   if not n.startswith(OPTIM_PREFIX)}, strict=True)
-            start_epoch = min(checkpoint[0], config.epochs)
-            record["epochs"] = [e for e in record["epochs"] if e["epoch"] <= start_epoch]
-            self.emit(ev.LogEvent(f"Round {r}: resuming from the checkpoint of epoch "
-                                  f"{start_epoch}/{config.epochs}."))
-        else:
-            personal = self.store.load_personal()
-            start = {**held, **{n: t for n, t in personal.items()
-                                if seg_of.get(n) in personal_segs}}
-            missing = set(seg_of) - set(start)
-            if missing:
-                raise DownloadCorrupt(f"{len(missing)} tensors of the model are missing after "
-                                      "the download")
-            model.load_state_dict(start, strict=True)
-            if recipe.keep_optimizer:
-                optimizer_state = self.store.load_optimizer(before_round=r)
-                if optimizer_state:
-                    self.emit(ev.LogEvent(f"Round {r}: continuing with the optimiser state of "
-                                          "this client's previous round."))
-            round_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(record_path, json.dumps(record).encode())
-
-        if start_epoch < config.epochs:
-            self._train(model, images, config, manifest, round_dir, record, start_epoch,
-                        optimizer_state)
-
-        trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-        if recipe.keep_optimizer:  # from the last epoch's checkpoint, for the next round
-            last = self.store.latest_checkpoint(round_dir)
-            if last is not None:
-                tensors, _ = load_weights(last[1])
-                self.store.save_optimizer({n[len(OPTIM_PREFIX):]: t for n, t in tensors.items()
-                                           if n.startswith(OPTIM_PREFIX)}, manifest.preset, r)
-        if personal_segs:
-            mine = {n: t for n, t in trained.items() if seg_of[n] in personal_segs}
-            self.store.save_personal(mine, manifest.preset, r, personal_segs)
-            if recipe.ema_decay is not None:
-                self._update_personal_ema(mine, manifest.preset, r, recipe.ema_decay)
-        upload = set(manifest.upload_segments)
-        delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
-        epochs = record["epochs"]
-        steps = sum(e["steps"] for e in epochs)
-        meta: dict[str, object] = {
-            "kind": "delta", "preset": manifest.preset, "round": r, "base_version": version,
-            "num_samples": int(images.shape[0]), "segments": ",".join(manifest.upload_segments),
-        }
-        if steps:
-            mean_loss = sum(e["mean_loss"] * e["steps"] for e in epochs) / steps
-            if math.isfinite(mean_loss):
-                meta["mean_loss"] = f"{mean_loss:.6g}"
-        atomic_write_bytes(upload_path, encode_tensors(delta, meta))
+        held = self._ensure_global(manifest, segment_map(build_unet(manifest.preset)))
+        RoundWork(self.store, manifest, self._recipe(manifest), round_dir, self.emit, self.stop,
+                  self._device or "cpu", self._schedule, self._progress).run(
+            images, held, upload_path)
 
     def _recipe(self, manifest: Manifest) -> Recipe:
         try:
@@ -376,69 +295,6 @@ class Participant:
         except UserError as exc:
             raise SetupError(f"The hub asks for a training recipe this client does not know "
                              f"({exc}); upgrade feddiffuse-client.") from None
-
-    def _update_personal_ema(self, mine: dict[str, torch.Tensor], preset: str, r: int,
-                             decay: float) -> None:
-        """Advance the EMA of this client's personal segments by round `r`, once per round
-        (a round replayed after a crash does not advance it twice)."""
-        previous, done = self.store.load_personal_ema()
-        if done is not None and done >= r:
-            return
-        self.store.save_personal_ema(update_ema(previous or None, mine, decay), preset, r)
-
-    def _train(self, model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
-               manifest: Manifest, round_dir: Path, record: dict, start_epoch: int,
-               optimizer_state: dict[str, torch.Tensor]) -> None:
-        r = manifest.round
-        epochs = config.epochs
-        steps_per_epoch = math.ceil(images.shape[0] / config.batch_size)
-        total_steps = epochs * steps_per_epoch
-        self.emit(ev.PhaseEvent("training", f"round {r}: training {epochs} local epoch(s) on "
-                                f"{images.shape[0]} images ({self._device})"))
-        progress = self._progress("train")
-        current = {"epoch": start_epoch, "loss_sum": 0.0, "loss_n": 0, "last": 0.0}
-        progress(start_epoch * steps_per_epoch, total_steps)
-
-        def on_step(step: int, per_epoch: int, loss: float) -> None:
-            current["loss_sum"] += loss
-            current["loss_n"] += 1
-            done = current["epoch"] * per_epoch + step
-            now = time.monotonic()
-            if now - current["last"] >= PROGRESS_INTERVAL_S or step == per_epoch:
-                current["last"] = now
-                self.emit(ev.LossEvent(current["epoch"] + 1, step,
-                                       current["loss_sum"] / current["loss_n"]))
-                current["loss_sum"], current["loss_n"] = 0.0, 0
-                progress(done, epochs * per_epoch)
-
-        def on_epoch(report: EpochReport, trained: torch.nn.Module) -> None:
-            tensors = {n: p.detach().to("cpu") for n, p in trained.named_parameters()}
-            if report.optimizer_state is not None:  # so a resumed round is bit-identical
-                tensors.update({OPTIM_PREFIX + n: t
-                                for n, t in report.optimizer_state().items()})
-            save_weights(self.store.checkpoint_path(round_dir, report.epoch), tensors, {
-                "kind": "checkpoint", "preset": manifest.preset, "round": r,
-                "base_version": manifest.global_version, "epoch": report.epoch})
-            record["epochs"].append({"epoch": report.epoch, "mean_loss": report.mean_loss,
-                                     "steps": report.steps})
-            atomic_write_bytes(round_dir / "round.json", json.dumps(record).encode())
-            self.store.clear_checkpoints(round_dir, keep=report.epoch)
-            current["epoch"] = report.epoch
-            self.emit(ev.EpochEvent(report.epoch, epochs, report.mean_loss, report.seconds))
-            self.emit(ev.LogEvent(f"Round {r}: epoch {report.epoch}/{epochs} loss "
-                                  f"{report.mean_loss:.4f} "
-                                  f"({report.images / max(report.seconds, 1e-9):.0f} img/s)."))
-            _maybe_crash(report.epoch)
-
-        result = train_local(model, images, self._schedule, config,
-                             seed=manifest.training.seed, device=self._device or "cpu",
-                             start_epoch=start_epoch, on_step=on_step, on_epoch=on_epoch,
-                             should_stop=self.stop.is_set,
-                             optimizer_state=optimizer_state or None)
-        if result.stopped:
-            done = current["epoch"]
-            raise Cancelled(f"training stopped; {done} of {epochs} epoch(s) of round {r} are "
-                            "saved and the next start resumes from there")
 
     def _training_images(self, preset: str) -> torch.Tensor:
         if preset not in self._images:
@@ -572,36 +428,3 @@ class Participant:
                 self.emit(ev.ProgressEvent(task, done, total))
 
         return report
-
-
-def _assignment(manifest: Manifest) -> dict:
-    return {"round": manifest.round, "global_version": manifest.global_version,
-            "upload_segments": list(manifest.upload_segments),
-            "training": manifest.training.model_dump()}
-
-
-def _read_record(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) and isinstance(value.get("epochs"), list) else None
-
-
-_paused = False
-
-
-def _maybe_crash(epoch: int) -> None:
-    import os
-
-    global _paused
-    target = os.environ.get(CRASH_AFTER_EPOCH_ENV)
-    if target and target.isdigit() and int(target) == epoch:
-        os._exit(75)
-    target = os.environ.get(PAUSE_AFTER_EPOCH_ENV)
-    if target and target.isdigit() and int(target) == epoch and not _paused:
-        import signal
-
-        _paused = True
-        os.kill(os.getpid(), signal.SIGSTOP)
-
