@@ -611,3 +611,16 @@ def test_sixteen_bit_images_are_scaled_to_eight_bits_not_clipped(tmp_path: Path)
         assert im.mode.startswith("I")
     data = load_image_folder(tmp_path, 2, 1)
     assert data.images[0, 0].tolist() == [[0, 128], [255, 64]]
+
+
+def test_a_folder_and_a_dataset_resize_the_same_image_the_same_way(tmp_path: Path) -> None:
+    """One resize rule: a client's folder and the same pixels in a simulation give one tensor."""
+    rng = np.random.default_rng(3)
+    for name, shape in (("wide.png", (40, 56)), ("tall.png", (61, 33))):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name)
+    folder = load_image_folder(tmp_path, 28, 1).images
+    for k, name in enumerate(sorted(["tall.png", "wide.png"])):
+        with Image.open(tmp_path / name) as im:
+            raw = torch.from_numpy(np.asarray(im, dtype=np.uint8))[None, None]
+        assert torch.equal(folder[k], conform_images(raw, channels=1, image_size=28)[0])

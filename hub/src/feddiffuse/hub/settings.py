@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
 from feddiffuse.shared.errors import UserError
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
+from feddiffuse.shared.rounds import training_seed  # noqa: F401 - one derivation, shared
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
@@ -75,8 +75,3 @@ class FederationSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def training_seed(hub_seed: int, round_index: int, client_id: str) -> int:
-    """The seed a client trains with in a round: fixed by the hub's seed, distinct per client."""
-    digest = hashlib.sha256(f"train:{hub_seed}:{round_index}:{client_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_dataset, partition_indices
+from .data import load_dataset, load_image_folder, partition_indices
 from .data.partition import SPLITS
 from .diffusion import DiffusionSchedule, make_generator, sample
 from .errors import UserError
@@ -26,7 +26,7 @@ from .ledger import CommLedger
 from .methods import check_method, has_personal_models, personal_segments
 from .model import build_unet, count_parameters, get_preset, segment_map
 from .recipes import DEFAULT_RECIPE, Recipe, get_recipe, update_ema
-from .rounds import RoundState
+from .rounds import RoundState, training_seed
 from .training import select_device, train_local
 from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, write_tensors
 
@@ -47,6 +47,11 @@ class SimulationConfig:
     partition_seed: int | None = None  # None: use `seed`
     limit: int | None = None
     data_dir: str | None = None
+    # A folder with one folder of images per client (as `feddiffuse partition --export`
+    # writes, or as the data owners hold them): each client trains on its own folder, loaded
+    # as the edge client loads it, and the client ids are the folder names. `dataset` then
+    # only names the reference set for evaluation; `clients`, `split` and `limit` are unused.
+    client_folders: str | None = None
     out: str = "runs/simulate"
     recipe: str = DEFAULT_RECIPE  # see feddiffuse.shared.recipes
     batch_size: int | None = None  # None: the recipe's, else the preset's default
@@ -114,11 +119,39 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
+def _client_images(config: SimulationConfig, image_size: int, channels: int
+                   ) -> tuple[str, dict[str, torch.Tensor]]:
+    """Each client's training images: its folder's (client_folders), else its partition of
+    `dataset`. Returns the data's name and the images by client id, in client id order."""
+    if config.client_folders:
+        root = Path(config.client_folders).expanduser()
+        if not root.is_dir():
+            raise UserError(f"The client folders {root} do not exist; give a folder with one "
+                            "folder of images per client.")
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise UserError(f"{root} holds no client folders; give a folder with one folder "
+                            "of images per client (feddiffuse partition --export writes one).")
+        return str(root), {p.name: load_image_folder(p, image_size, channels).images
+                           for p in folders}
+    data = load_dataset(config.dataset, image_size=image_size, channels=channels,
+                        split="train", data_dir=config.data_dir, limit=config.limit,
+                        seed=config.seed)
+    part_seed = config.seed if config.partition_seed is None else config.partition_seed
+    parts = partition_indices(len(data), config.clients, config.split, labels=data.labels,
+                              beta=config.beta, seed=part_seed)
+    return data.name, {cid: data.images.index_select(0, idx).contiguous()
+                       for cid, idx in zip(client_ids(config.clients), parts, strict=True)}
+
+
 def run_simulation(config: SimulationConfig, log: Log = print,
-                   recipe: Recipe | None = None) -> dict:
+                   recipe: Recipe | None = None,
+                   on_round: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+                   ) -> dict:
     """Run a simulation and write its report, weights and sample grid under `config.out`.
 
-    `recipe` replaces the configured one (benchmarks compare variants with it).
+    `recipe` replaces the configured one (benchmarks compare variants with it); `on_round`
+    is called with each round's new global weights.
     """
     config.validate()
     recipe = (recipe or config.resolved_recipe()).validate()
@@ -138,16 +171,10 @@ def run_simulation(config: SimulationConfig, log: Log = print,
         for metric, reason in evaluator.unavailable.items():
             log(f"  note: {metric} is unavailable: {reason}")
 
-    data = load_dataset(config.dataset, image_size=cfg.image_size, channels=cfg.channels,
-                        split="train", data_dir=config.data_dir, limit=config.limit,
-                        seed=config.seed)
-    ids = client_ids(config.clients)
-    part_seed = config.seed if config.partition_seed is None else config.partition_seed
-    parts = partition_indices(len(data), config.clients, config.split, labels=data.labels,
-                              beta=config.beta, seed=part_seed)
-    client_images = {cid: data.images.index_select(0, idx).contiguous()
-                     for cid, idx in zip(ids, parts, strict=True)}
+    data_name, client_images = _client_images(config, cfg.image_size, cfg.channels)
+    ids = list(client_images)
     sizes = {cid: int(x.shape[0]) for cid, x in client_images.items()}
+    total_images = sum(sizes.values())
 
     model = build_unet(preset, seed=config.seed)
     seg_of = segment_map(model)
@@ -164,10 +191,10 @@ def run_simulation(config: SimulationConfig, log: Log = print,
     # The recipe's keep_optimizer: each client's optimiser moments, carried to its next round.
     optimizer_states: dict[str, dict[str, torch.Tensor]] = {}
 
-    log(f"FedDiffuse simulation: {config.method} on {data.name}, {config.clients} client(s), "
+    log(f"FedDiffuse simulation: {config.method} on {data_name}, {len(ids)} client(s), "
         f"{config.rounds} round(s) x {config.local_epochs} local epoch(s), split {config.split}")
     log(f"  preset {preset.name} ({counts['total_params']:,} parameters), "
-        f"{len(data):,} training images, device {device} ({device_reason})")
+        f"{total_images:,} training images, device {device} ({device_reason})")
     log(f"  recipe {recipe.name}: {recipe.optimizer} lr {recipe.lr:g}, {recipe.loss}"
         f"{' min-snr' if recipe.loss_weighting == 'min-snr' else ''}, batch {batch_size}"
         f"{', bf16' if recipe.bf16 else ''}"
@@ -185,7 +212,7 @@ def run_simulation(config: SimulationConfig, log: Log = print,
                                    {"kind": "global", "preset": preset.name, "round": r})
         payloads: dict[tuple[str, ...], bytes] = {}
         client_rows = []
-        for i, cid in enumerate(ids):
+        for cid in ids:
             plan = state.plans[cid]
             if plan.download not in payloads:
                 payloads[plan.download] = encode_tensors(
@@ -208,7 +235,7 @@ def run_simulation(config: SimulationConfig, log: Log = print,
                 rounds=config.rounds, batch_size=batch_size,
                 max_steps_per_epoch=config.max_steps_per_epoch)
             result = train_local(model, client_images[cid], schedule, train_cfg,
-                                 seed=config.seed * 10_007 + r * 101 + i, device=device,
+                                 seed=training_seed(config.seed, r, cid), device=device,
                                  on_epoch=on_epoch,
                                  optimizer_state=optimizer_states.get(cid))
             if recipe.keep_optimizer and result.epochs:
@@ -233,6 +260,8 @@ def run_simulation(config: SimulationConfig, log: Log = print,
                                 "downloaded": list(plan.download)})
         outcome = state.finalize()
         global_state = outcome.global_state
+        if on_round is not None:
+            on_round(r, global_state)
         if recipe.ema_decay is not None:
             ema_global = update_ema(ema_global, global_state, recipe.ema_decay)
         ledger.extend(outcome.transfers)
@@ -296,7 +325,7 @@ def run_simulation(config: SimulationConfig, log: Log = print,
         "config": asdict(config),
         "recipe": recipe.to_dict(),
         "preset": {"name": preset.name, **counts},
-        "dataset": {"name": data.name, "images": len(data), "client_sizes": sizes},
+        "dataset": {"name": data_name, "images": total_images, "client_sizes": sizes},
         "device": {"name": str(device), "reason": device_reason},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "rounds": rounds_report,

@@ -32,6 +32,10 @@ def simulate(
         help="Seed of the partition only (default: --seed; the paper used 2023).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use a random subset of N images.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset.")] = None,
+    client_folders: Annotated[str | None, typer.Option(
+        help="A folder with one folder of images per client (as `partition --export` writes): "
+             "each client trains on its own folder, as the edge client would; --dataset then "
+             "only names the evaluation reference.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "runs/simulate",
     recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
     batch_size: Annotated[int | None, typer.Option(
@@ -63,7 +67,8 @@ def simulate(
         config = SimulationConfig(
             preset=preset, dataset=dataset, method=method, clients=clients, rounds=rounds,
             local_epochs=local_epochs, split=split, beta=beta, seed=seed,
-            partition_seed=partition_seed, limit=limit, data_dir=data_dir, out=out,
+            partition_seed=partition_seed, limit=limit, data_dir=data_dir,
+            client_folders=client_folders, out=out,
             recipe=recipe, batch_size=batch_size, lr=lr, loss=loss, device=device,
             channels_last=channels_last, bf16=bf16, sample_count=samples,
             sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,

@@ -6,8 +6,9 @@ folders that photo tools, NAS boxes and archivers write (`.thumbnails`, `@eaDir`
 `__MACOSX`, `.AppleDouble`, ...), are not images of the owner's and are skipped.
 
 Every image is converted to ``L`` (1 channel) or ``RGB`` (3 channels); transparent images
-are laid on white first. It is then resized so that its short side equals ``image_size``
-(bicubic, antialiased by PIL) and centre-cropped to ``image_size x image_size``. Files that
+are laid on white first. It is then resized so that its short side equals ``image_size`` and
+centre-cropped to ``image_size x image_size`` by the rule every dataset follows
+(`conform_images`: bilinear, antialiased). Files that
 cannot be decoded are skipped and reported in one warning.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from feddiffuse.shared.data.dataset import ImageDataset
+from feddiffuse.shared.data.dataset import ImageDataset, conform_images
 from feddiffuse.shared.errors import DataNotFoundError, UserError
 
 # The photo and raster formats, kept to those this Pillow can open. A list of our own because
@@ -122,20 +123,14 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == target else image.convert(target)
 
 
-def resize_short_side_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize so the short side is ``size`` (bicubic), then centre-crop to ``size x size``."""
-    w, h = image.size
-    if (w, h) != (size, size):
-        if w <= h:
-            new_w, new_h = size, max(size, round(h * size / w))
-        else:
-            new_w, new_h = max(size, round(w * size / h)), size
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left = int(round((new_w - size) / 2.0))
-        top = int(round((new_h - size) / 2.0))
-        image = image.crop((left, top, left + size, top + size))
-    return image
+def resize_short_side_and_crop(array: np.ndarray, size: int) -> np.ndarray:
+    """A ``C x H x W`` uint8 array resized so its short side is ``size``, centre-cropped to
+    ``size x size``: the one rule every dataset follows (`dataset.conform_images`: bilinear,
+    antialiased), so a folder on a client and the same images in a simulation match."""
+    if array.shape[1:] == (size, size):
+        return array
+    tensor = torch.from_numpy(np.ascontiguousarray(array))[None]
+    return conform_images(tensor, channels=array.shape[0], image_size=size)[0].numpy()
 
 
 def image_to_array(image: Image.Image, channels: int) -> np.ndarray:
@@ -220,7 +215,7 @@ def load_image_folder(
 
     def prepare(image: Image.Image) -> np.ndarray:
         converted = _to_mode(image, channels)
-        return image_to_array(resize_short_side_and_crop(converted, image_size), channels)
+        return resize_short_side_and_crop(image_to_array(converted, channels), image_size)
 
     arrays, _ = decode_images(paths, prepare, limit=limit, seed=seed, what="image")
     if not arrays:
