@@ -58,7 +58,7 @@ def hub_globals(fed: Federation) -> dict[int, dict[str, torch.Tensor]]:
             for r, v in enumerate([*versions, final], start=1)}
 
 
-@pytest.mark.parametrize("method", ["full", "udec"])
+@pytest.mark.parametrize("method", ["full", "usplit", "udec"])
 def test_simulate_and_a_real_federation_give_the_same_models_round_by_round(
         method, tmp_path, folders):
     fed = Federation(tmp_path / "fed", folders, method=method, clients=CLIENTS, rounds=ROUNDS,
