@@ -10,7 +10,7 @@ and decide each parameter's segment.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -69,7 +69,6 @@ class Preset:
     config: UNetConfig
     description: str
     batch_size: int = 128
-    extra: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {
@@ -364,6 +363,3 @@ def count_parameters(model: nn.Module) -> dict:
         per_segment[segment_of(name)] += p.numel()
     return {"total_params": sum(per_segment.values()), "segments": per_segment}
 
-
-def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}

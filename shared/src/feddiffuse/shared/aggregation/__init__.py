@@ -3,6 +3,4 @@
 from .base import AggregationStrategy, SegmentedUpdate
 from .fedavg import FedAvg
 
-STRATEGIES: dict[str, type[AggregationStrategy]] = {"fedavg": FedAvg}
-
-__all__ = ["STRATEGIES", "AggregationStrategy", "FedAvg", "SegmentedUpdate"]
+__all__ = ["AggregationStrategy", "FedAvg", "SegmentedUpdate"]
