@@ -51,8 +51,12 @@ def final_model_sentence(info: HubInfo) -> str:
 
 
 def short_error(error: str, url: str) -> str:
-    """A retry's error without the hub's address, which the dashboard shows already."""
-    return error.replace(f" at {url}", "").replace(f" {url}", "")
+    """A retry's error in a few words: its reason in brackets when it has one, and never the
+    hub's address, which the dashboard shows already (so a retry fits one line at 80 columns)."""
+    error = error.replace(f" at {url}", "").replace(f" {url}", "")
+    if error.endswith(")") and "(" in error:
+        return error[error.rindex("(") + 1:-1]
+    return error
 
 
 class Dashboard(Screen):
@@ -100,6 +104,7 @@ class Dashboard(Screen):
         self.uploaded_segments: tuple[str, ...] = ()
         self.seen: tuple[int, str, str] | None = None  # (round, phase, version) last shown
         self.finished_shown = False
+        self.logged: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -251,7 +256,9 @@ class Dashboard(Screen):
 
     def log_line(self, text: str, level: str = "info") -> None:
         prefix = {"warning": "! ", "error": "x "}.get(level, "")
-        self.query_one("#events", RichLog).write(f"{clock_time()} {prefix}{text}")
+        line = f"{clock_time()} {prefix}{text}"
+        self.logged.append(line)  # what was said, one entry per line however it wraps
+        self.query_one("#events", RichLog).write(line)
 
     def on_dashboard_update(self, message: Update) -> None:
         event = message.event
@@ -286,8 +293,8 @@ class Dashboard(Screen):
                 pass  # the participant also logs a line per epoch
             case ev.RetryEvent(what=what, attempt=attempt, delay=delay, error=error):
                 wait = f"{delay:.1f}" if delay < 10 else f"{delay:.0f}"
-                self.log_line(f"{what}: {short_error(error, self.joined.url)}; retry {attempt} "
-                              f"in {wait} s", "warning")
+                self.log_line(f"{what}: {short_error(error, self.joined.url)}, retry {attempt} "
+                              f"in {wait}s", "warning")
             case ev.UploadedEvent(round=r, segments=segments):
                 self.uploaded_segments = segments
                 self.query_one("#segments", Static).update(

@@ -1,9 +1,10 @@
-"""Input fields that leave the screen's letter keys alone where they cannot be typed.
+"""Input fields, and which of the screen's letter keys they leave alone.
 
-A `TextField` takes every printable key, so single-letter shortcuts (`q`, `?`) do not apply
-while it has focus; its hidden bindings keep them out of the footer there. A `NumberField`
-takes digits only: any other printable key goes on to the screen, so `g` on the Samples
-screen generates instead of being swallowed by the Images field.
+Textual drops the bindings of printable keys while a field that may take them has focus
+(`check_consume_key`), so `q` and `?` are typed into a `TextField`, whose footer then shows
+`^q Quit` (Ctrl+Q works everywhere) and `f1 Help`. A `NumberField` takes digits only: any other
+printable key goes on to the screen, so `g` on the Samples screen generates instead of being
+swallowed by the Images field.
 """
 
 from __future__ import annotations
@@ -19,11 +20,7 @@ class TextField(Input):
     """A free-text field: letters are typed, so `q` and `?` are not shortcuts here."""
 
     BINDINGS = [
-        # The first two never run (the field takes printable keys first); they hide the app's
-        # `q Quit` and `? Help` from the footer while typing, which then shows `^q Quit` (the
-        # app's own Ctrl+Q binding, a priority one, is what runs) and `f1 Help`.
-        Binding("q", "app.bell", show=False),
-        Binding("question_mark", "app.bell", show=False),
+        # For the footer: the app's own (priority) Ctrl+Q binding is the one that runs.
         Binding("ctrl+q", "app.quit", "Quit"),
     ]
 
@@ -34,7 +31,9 @@ class NumberField(Input):
     def __init__(self, value: str = "", **kwargs) -> None:
         super().__init__(value, type="integer", **kwargs)
 
+    def check_consume_key(self, key: str, character: str | None) -> bool:
+        return character is not None and character in NUMBER_CHARACTERS
+
     async def _on_key(self, event: events.Key) -> None:
         if event.is_printable and event.character not in NUMBER_CHARACTERS:
-            event.prevent_default()  # not Input's handler: the key bubbles to the bindings
-            return
+            event.prevent_default()  # not Input's handler: the key goes on to the bindings

@@ -50,7 +50,7 @@ class TaskProgress(Horizontal):
 
     def set_progress(self, done: float, total: float | None, detail: str = "") -> None:
         bar = self.bar
-        self._show_eta(True)
+        self._show_eta(total is None or done < total)  # nothing left to estimate when done
         if total is not None and bar.total != total:
             bar.update(total=total)
         bar.update(progress=done)
