@@ -75,7 +75,10 @@ async def test_folder_browser_goes_up_home_and_to_a_typed_path(tmp_path, monkeyp
         await wait_until(pilot, lambda: tree.root_path == tmp_path / "elsewhere")
 
         # A typed path that is not a folder: one sentence, and the tree stays where it is.
-        path_field.focus()
+        await pilot.press("ctrl+l")
+        assert app.focused is path_field
+        await pilot.press("ctrl+u")  # clears the field (it does not choose the folder)
+        assert path_field.value == "" and on_screen(app, FolderPicker)
         path_field.value = str(tmp_path / "a-file.txt")
         await pilot.press("enter")
         assert scan.has_class("-bad") and "is a file, not a folder" in str(scan.render())
@@ -85,7 +88,7 @@ async def test_folder_browser_goes_up_home_and_to_a_typed_path(tmp_path, monkeyp
         await pilot.press("enter")
         await wait_until(pilot, lambda: tree.root_path == tmp_path / "photos" / "cats")
         await wait_until(pilot, lambda: "cats: 3 usable images" in str(scan.render()))
-        await pilot.press("ctrl+u")  # use this folder
+        await pilot.press("ctrl+o")  # use this folder
         await wait_until(pilot, lambda: on_screen(app, SetupScreen), what="Setup")
         assert app.screen.query_one("#data-dir", Input).value == str(tmp_path / "photos" /
                                                                       "cats")

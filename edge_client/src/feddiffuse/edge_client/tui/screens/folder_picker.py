@@ -92,7 +92,7 @@ class FolderPicker(ModalScreen[Path | None]):
     CSS_PATH = "folder_picker.tcss"
     BINDINGS = [
         Binding("escape", "cancel", "Cancel"),
-        Binding("ctrl+u", "choose", "Use this folder"),
+        Binding("ctrl+o", "choose", "Use this folder"),  # not Ctrl+U: a field clears with it
         Binding("ctrl+l", "type_path", "Type a path"),
     ]
     HELP = ("Move with the arrows; Enter or Right opens a folder, '..' (or Backspace, or Left "

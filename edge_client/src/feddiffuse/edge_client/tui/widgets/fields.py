@@ -20,8 +20,9 @@ class TextField(Input):
     """A free-text field: letters are typed, so `q` and `?` are not shortcuts here."""
 
     BINDINGS = [
-        # For the footer: the app's own (priority) Ctrl+Q binding is the one that runs.
-        Binding("ctrl+q", "app.quit", "Quit"),
+        # For the footer (a priority binding, so the app's hidden one does not replace it in
+        # the footer's map); the app's own Ctrl+Q binding, checked first, is the one that runs.
+        Binding("ctrl+q", "app.quit", "Quit", priority=True),
     ]
 
 
