@@ -59,6 +59,8 @@ def manifest() -> Manifest:
 
 
 async def no_focus(pilot):
+    # After Setup has focused its first field, or that would come after this.
+    await wait_until(pilot, lambda: on_screen(pilot.app, SetupScreen), what="Setup")
     pilot.app.screen.set_focus(None)  # no blinking cursor in the picture
     await pilot.pause()
 

@@ -156,7 +156,7 @@ async def test_a_finished_federation_is_shown_finished_without_asking_the_hub(tm
         assert not dash.running and not dash.workers  # no loop was started
         assert "is finished after 3 rounds" in str(dash.query_one("#phase", Static).render())
         assert str(dash.query_one("#round", Static).render()) == "Round 3 of 3 (finished)"
-        assert str(dash.query_one("#start").label) == "Ask the hub"
+        assert str(dash.query_one("#start").label) == "Ask hub"
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])

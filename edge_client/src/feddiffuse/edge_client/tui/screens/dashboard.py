@@ -215,7 +215,7 @@ class Dashboard(Screen):
         if running:
             start.label = "Start"
         elif self.joined.store.load_info().finished:
-            start.label = "Ask the hub"
+            start.label = "Ask hub"
         else:
             start.label = "Resume"
         (cancel if running else start).focus()  # Enter acts on what can be done now
