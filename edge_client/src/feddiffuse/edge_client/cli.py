@@ -167,7 +167,16 @@ def _stop_on_sigterm(stop: threading.Event) -> None:
 @app.command()
 def sample(
     n: Annotated[int, typer.Option("--n", help="How many images.", min=1, max=1024)] = 64,
-    steps: Annotated[int, typer.Option(help="DDIM sampling steps.", min=1, max=1000)] = 50,
+    steps: Annotated[int, typer.Option(
+        help="Sampling steps (1000: the full ancestral chain with --sampler ddpm).",
+        min=1, max=1000)] = 50,
+    sampler: Annotated[str, typer.Option(
+        help="ddim (fast, the default) or ddpm (ancestral, as the paper sampled, with "
+             "--steps 1000; fewer steps respace the chain).")] = "ddim",
+    clip_x0: Annotated[bool | None, typer.Option(
+        "--clip-x0/--no-clip-x0", metavar="",
+        help="Clip the predicted x0 to [-1, 1] at every step (default: yes for ddim, no "
+             "for ddpm, as the paper).")] = None,
     out: Annotated[Path, typer.Option(help="Where to write the PNG grid.")] = Path("grid.png"),
     hub: Annotated[str | None, typer.Option(help="Which hub's model (default: the last "
                                                  "one used).")] = None,
@@ -180,7 +189,8 @@ def sample(
         from .status import newer_model_note
 
         store = _store_for(hub)
-        result = sample_grid(store, n, steps, out, device=device, seed=seed)
+        result = sample_grid(store, n, steps, out, device=device, seed=seed, sampler=sampler,
+                             clip_x0=clip_x0)
         typer.echo(f"{result.description}: wrote {result.path}")
         newer = newer_model_note(store)
         if newer:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from feddiffuse.shared.diffusion import DiffusionSchedule, make_generator, sample
+from feddiffuse.shared.diffusion import DiffusionSchedule, SamplerSpec, make_generator, sample
 from feddiffuse.shared.images import save_grid
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import build_unet, segment_map
@@ -87,13 +87,18 @@ def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
 
 
 def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str = "auto",
-                seed: int = 0, on_step=None, stop: threading.Event | None = None
-                ) -> SampleResult:
-    """Sample `n` images with DDIM in `steps` steps and write them as a PNG grid to `out`."""
+                seed: int = 0, on_step=None, stop: threading.Event | None = None,
+                sampler: str = "ddim", clip_x0: bool | None = None) -> SampleResult:
+    """Sample `n` images in `steps` steps and write them as a PNG grid to `out`.
+
+    `sampler` "ddim" (the default; x0 clipped unless `clip_x0` is False) or "ddpm"
+    (ancestral, as the paper sampled: 1,000 steps, no clipping unless `clip_x0` is True).
+    """
     if n < 1:
         raise SetupError("The number of images must be at least 1.")
     if steps < 1:
         raise SetupError("The number of sampling steps must be at least 1.")
+    spec = SamplerSpec(sampler, steps, clip_x0).validate()
     model, what = current_model(store)
     dev, _reason = describe_device(device)
     model.to(dev)
@@ -105,8 +110,8 @@ def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str =
             on_step(i, total)
 
     images = sample(model, DiffusionSchedule.linear().to(dev), n, make_generator(seed, dev),
-                    "ddim", steps=steps, device=dev, on_step=step)
+                    spec.name, steps=spec.steps, device=dev, on_step=step, clip_x0=spec.clips)
     path = save_grid(images, out)
     info = store.load_info()
-    return SampleResult(path, images, f"{n} samples from the {what}, DDIM {steps} steps",
+    return SampleResult(path, images, f"{n} samples from the {what}, {spec.describe()}",
                         maturity_note(rounds_completed(info), info.rounds))

@@ -122,46 +122,86 @@ def diffusion_loss(model: nn.Module, schedule: DiffusionSchedule, x0: torch.Tens
 StepCallback = Callable[[int, int], None]
 
 
-@torch.inference_mode()
-def ddpm_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int, ...],
-                generator: torch.Generator, device: torch.device | str = "cpu",
-                on_step: StepCallback | None = None) -> torch.Tensor:
-    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2). Returns [-1, 1]."""
-    device = torch.device(device)
-    x = torch.randn(shape, generator=generator, device=device)
-    total = schedule.timesteps
-    for i, step in enumerate(reversed(range(total))):
-        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-        eps = model(x, t).float()
-        mean = schedule.sqrt_recip_alphas[step] * (
-            x - schedule.betas[step] / schedule.sqrt_one_minus_alphas_cumprod[step] * eps
-        )
-        if step > 0:
-            z = torch.randn(shape, generator=generator, device=device)
-            x = mean + schedule.posterior_variance[step].sqrt() * z
-        else:
-            x = mean
-        if on_step is not None:
-            on_step(i + 1, total)
-    return x.clamp(-1.0, 1.0)
+def sampler_timesteps(total: int, steps: int, what: str = "Sampling") -> list[int]:
+    """`steps` timesteps evenly spread over [0, total - 1], descending, always ending at 0."""
+    if not 1 <= steps <= total:
+        raise UserError(f"{what} steps must be between 1 and {total}, got {steps}.")
+    ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(ts), reverse=True)
 
 
 def ddim_timesteps(total: int, steps: int) -> list[int]:
     """`steps` timesteps evenly spread over [0, total - 1], descending, always ending at 0."""
-    if not 1 <= steps <= total:
-        raise UserError(f"DDIM steps must be between 1 and {total}, got {steps}.")
-    ts = torch.linspace(0, total - 1, steps, dtype=torch.float64).round().long().tolist()
-    return sorted(set(ts), reverse=True)
+    return sampler_timesteps(total, steps, "DDIM")
+
+
+def _predicted_x0(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, clip: bool
+                  ) -> torch.Tensor:
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+@torch.inference_mode()
+def ddpm_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int, ...],
+                generator: torch.Generator, device: torch.device | str = "cpu",
+                on_step: StepCallback | None = None, steps: int | None = None,
+                clip_x0: bool = False) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2). Returns [-1, 1].
+
+    Over all T steps by default, as the paper sampled. ``steps`` < T respaces the chain onto
+    evenly spread timesteps (Nichol & Dhariwal 2021, section 4: betas recomputed from the kept
+    steps' alpha-bars), a cheap stand-in for smoke runs; at T it is the plain chain.
+    ``clip_x0`` clips the predicted x_0 to [-1, 1] and takes the posterior mean from it (the
+    paper did not); without it the mean comes from the predicted noise, eps form.
+    """
+    device = torch.device(device)
+    total = schedule.timesteps
+    seq = list(reversed(range(total))) if steps in (None, total) else \
+        sampler_timesteps(total, int(steps), "DDPM")
+    full = len(seq) == total
+    x = torch.randn(shape, generator=generator, device=device)
+    one = torch.ones((), device=device)
+    for i, step in enumerate(seq):
+        prev = seq[i + 1] if i + 1 < len(seq) else -1
+        t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+        eps = model(x, t).float()
+        a_t = schedule.alphas_cumprod[step]
+        if full:  # the stored schedule itself, so that T steps are the plain chain exactly
+            beta, a_prev = schedule.betas[step], schedule.alphas_cumprod_prev[step]
+            variance = schedule.posterior_variance[step]
+        else:
+            a_prev = schedule.alphas_cumprod[prev] if prev >= 0 else one
+            beta = 1 - a_t / a_prev
+            variance = beta * (1 - a_prev) / (1 - a_t)
+        if clip_x0:
+            x0 = _predicted_x0(x, eps, a_t, True)
+            mean = (beta * a_prev.sqrt() / (1 - a_t)) * x0 + \
+                ((1 - a_prev) * (1 - beta).sqrt() / (1 - a_t)) * x
+        elif full:
+            mean = schedule.sqrt_recip_alphas[step] * (
+                x - schedule.betas[step] / schedule.sqrt_one_minus_alphas_cumprod[step] * eps
+            )
+        else:
+            mean = (x - beta / (1 - a_t).sqrt() * eps) / (1 - beta).sqrt()
+        if prev >= 0:
+            z = torch.randn(shape, generator=generator, device=device)
+            x = mean + variance.sqrt() * z
+        else:
+            x = mean
+        if on_step is not None:
+            on_step(i + 1, len(seq))
+    return x.clamp(-1.0, 1.0)
 
 
 @torch.inference_mode()
 def ddim_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int, ...],
                 generator: torch.Generator, steps: int = 50, eta: float = 0.0,
                 device: torch.device | str = "cpu",
-                on_step: StepCallback | None = None) -> torch.Tensor:
+                on_step: StepCallback | None = None, clip_x0: bool = True) -> torch.Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12) over `steps` steps. Returns [-1, 1].
 
-    The predicted x_0 is clipped to [-1, 1] at every step, as is usual for image data.
+    With ``clip_x0`` (the default, as is usual for image data) the predicted x_0 is clipped to
+    [-1, 1] at every step and the noise recomputed from it.
     """
     if eta < 0:
         raise UserError("DDIM eta must be >= 0.")
@@ -174,9 +214,9 @@ def ddim_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int,
         a_prev = schedule.alphas_cumprod[prev] if prev >= 0 else torch.ones((), device=device)
         t = torch.full((shape[0],), step, device=device, dtype=torch.long)
         eps = model(x, t).float()
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1.0, 1.0)
-        # Recompute eps from the clipped x0 so the update stays on the DDIM trajectory.
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x0 = _predicted_x0(x, eps, a_t, clip_x0)
+        if clip_x0:  # recompute eps from the clipped x0 so the update stays on the trajectory
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         x = a_prev.sqrt() * x0 + direction
@@ -190,13 +230,53 @@ def ddim_sample(model: nn.Module, schedule: DiffusionSchedule, shape: tuple[int,
 SAMPLERS = ("ddim", "ddpm")
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How images are drawn from a model: the sampler, its steps, and x_0 clipping.
+
+    ``clip_x0`` None means the sampler's usual choice: clipped for DDIM, not for DDPM.
+    """
+
+    name: str = "ddim"
+    steps: int = 50
+    clip_x0: bool | None = None
+    eta: float = 0.0
+
+    def validate(self, timesteps: int = 1000) -> SamplerSpec:
+        if self.name not in SAMPLERS:
+            raise UserError(f"Unknown sampler {self.name!r}; choose one of: "
+                            f"{', '.join(SAMPLERS)}.")
+        if not 1 <= self.steps <= timesteps:
+            raise UserError(f"--steps must be between 1 and {timesteps} (the diffusion's "
+                            f"T), got {self.steps}.")
+        return self
+
+    @property
+    def clips(self) -> bool:
+        return self.name == "ddim" if self.clip_x0 is None else bool(self.clip_x0)
+
+    def describe(self) -> str:
+        return (f"{'DDIM' if self.name == 'ddim' else 'DDPM'} {self.steps} steps, "
+                f"{'x0 clipped' if self.clips else 'no x0 clipping'}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "steps": self.steps, "clip_x0": self.clips,
+                "eta": self.eta if self.name == "ddim" else None}
+
+
 def sample(model: nn.Module, schedule: DiffusionSchedule, n: int, generator: torch.Generator,
            sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
            device: torch.device | str = "cpu", batch_size: int = 256,
-           on_step: StepCallback | None = None) -> torch.Tensor:
-    """Sample `n` images from `model` (on `device`) in batches; returns float [-1, 1] on CPU."""
+           on_step: StepCallback | None = None, clip_x0: bool | None = None) -> torch.Tensor:
+    """Sample `n` images from `model` (on `device`) in batches; returns float [-1, 1] on CPU.
+
+    ``sampler`` "ddim" (``steps`` steps, x_0 clipped unless ``clip_x0`` is False) or "ddpm"
+    (ancestral; all T steps when ``steps`` is T, respaced otherwise; no clipping unless
+    ``clip_x0`` is True).
+    """
     if sampler not in SAMPLERS:
         raise UserError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+    clip = (sampler == "ddim") if clip_x0 is None else bool(clip_x0)
     cfg = model.config  # type: ignore[attr-defined]
     out = []
     was_training = model.training
@@ -206,9 +286,11 @@ def sample(model: nn.Module, schedule: DiffusionSchedule, n: int, generator: tor
             b = min(batch_size, n - start)
             shape = (b, cfg.channels, cfg.image_size, cfg.image_size)
             if sampler == "ddim":
-                x = ddim_sample(model, schedule, shape, generator, steps, eta, device, on_step)
+                x = ddim_sample(model, schedule, shape, generator, steps, eta, device, on_step,
+                                clip_x0=clip)
             else:
-                x = ddpm_sample(model, schedule, shape, generator, device, on_step)
+                x = ddpm_sample(model, schedule, shape, generator, device, on_step,
+                                steps=steps, clip_x0=clip)
             out.append(x.cpu())
     finally:
         model.train(was_training)

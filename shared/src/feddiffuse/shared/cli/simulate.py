@@ -9,8 +9,15 @@ import typer
 
 from ..cli_errors import user_errors
 from ..evaluation import DEFAULT_METRICS
+from ..experiment_protocol import (
+    CLIP_HELP,
+    DEFAULT_PROTOCOL,
+    PERSONAL_MODEL_HELP,
+    PROTOCOL_HELP,
+    SAMPLER_HELP,
+)
 from ..methods import METHODS
-from ..recipes import DEFAULT_RECIPE, RECIPE_HELP
+from ..recipes import RECIPE_HELP
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
 from .evaluate import INCEPTION_HELP, METRICS_HELP
@@ -29,7 +36,8 @@ def simulate(
     beta: Annotated[float, typer.Option(help="Dirichlet concentration for the skews.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
     partition_seed: Annotated[int | None, typer.Option(
-        help="Seed of the partition only (default: --seed; the paper used 2023).")] = None,
+        help="Seed of the partition only (default: the protocol's: product --seed, paper "
+             "2023, the paper's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use a random subset of N images.")] = None,
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset.")] = None,
     client_folders: Annotated[str | None, typer.Option(
@@ -37,7 +45,8 @@ def simulate(
              "each client trains on its own folder, as the edge client would; --dataset then "
              "only names the evaluation reference.")] = None,
     out: Annotated[str, typer.Option(help="Output folder.")] = "runs/simulate",
-    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
+    recipe: Annotated[str | None, typer.Option(
+        help=RECIPE_HELP + " Default: the protocol's (product: fast, paper: paper).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Batch size (default: the recipe's, else the preset's, 128 or 64).")] = None,
     lr: Annotated[float | None, typer.Option(
@@ -50,11 +59,22 @@ def simulate(
     bf16: Annotated[bool | None, typer.Option(
         "--bf16/--no-bf16", help="bf16 autocast in training (default: the recipe's).")] = None,
     samples: Annotated[int, typer.Option(help="Images in samples.png (0: none).")] = 64,
-    sample_steps: Annotated[int, typer.Option(help="DDIM steps for samples.png.")] = 50,
+    sample_steps: Annotated[int | None, typer.Option(
+        help="Sampling steps for samples.png (default: the evaluation's).")] = None,
     eval_samples: Annotated[int, typer.Option(
-        help="Evaluate the final model(s) on N DDIM samples and add the metrics to "
+        help="Evaluate the final model(s) on N samples and add the metrics to "
              "report.json (0: no evaluation).")] = 0,
-    eval_steps: Annotated[int, typer.Option(help="DDIM steps of the evaluation samples.")] = 50,
+    protocol: Annotated[str, typer.Option(help=PROTOCOL_HELP)] = DEFAULT_PROTOCOL,
+    sampler: Annotated[str | None, typer.Option(help=SAMPLER_HELP)] = None,
+    eval_steps: Annotated[int | None, typer.Option(
+        help="Sampling steps of the evaluation (default: the protocol's: product 50, paper "
+             "1000).")] = None,
+    clip_x0: Annotated[bool | None, typer.Option("--clip-x0/--no-clip-x0",
+                                                 help=CLIP_HELP)] = None,
+    personal_model: Annotated[str | None, typer.Option(help=PERSONAL_MODEL_HELP)] = None,
+    eval_every: Annotated[int, typer.Option(
+        help="Also evaluate after every N rounds: a metric curve over rounds and cumulative "
+             "bytes in report.json (0: only the final models).")] = 0,
     eval_metrics: Annotated[str, typer.Option(help=METRICS_HELP)] = DEFAULT_METRICS,
     eval_personal: Annotated[str, typer.Option(
         help="Personal models (ulatdec, udec): 'each' samples N from every client's model, "
@@ -73,7 +93,8 @@ def simulate(
             channels_last=channels_last, bf16=bf16, sample_count=samples,
             sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,
             eval_metrics=eval_metrics, eval_personal=eval_personal,
-            inception_weights=inception_weights)
+            inception_weights=inception_weights, protocol=protocol, sampler=sampler,
+            clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every)
         log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         report = run_simulation(config, log=log)
         if as_json:

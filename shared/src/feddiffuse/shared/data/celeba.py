@@ -15,6 +15,13 @@ with ``male = 1`` when ``Male`` is 1 (else 0), ``old = 1`` when ``Young`` is -1 
 ``hair`` the index in :data:`HAIR_ATTRIBUTES` (Black 0, Brown 1, Blond 2, Gray 3) of the first
 hair colour set. Images with none of the four hair colours are dropped. Class names are in
 :data:`CELEBA_CLASSES`, e.g. class 0 is ``female-young-black``, class 15 ``male-old-gray``.
+The authors number the same classes male first (``8 * female + 4 * old + hair``, their
+``celeba_labels``): :func:`authors_classes` converts, :data:`AUTHORS_CELEBA_CLASSES` names
+them. The numbering matters for the label-skew partition, which draws per class in order.
+
+Pixel range: the product trains CelebA in [-1, 1] as every dataset; the authors kept CelebA
+in [0, 1] (their ``transform_celeba`` is ``ToTensor`` with no rescale), see
+:func:`to_unit_range` / :func:`from_unit_range`.
 
 Preprocessing as in the paper: centre crop 178 x 178, then resize to ``image_size``
 (bilinear, antialiased by PIL), RGB.
@@ -47,11 +54,41 @@ CELEBA_CLASSES: tuple[str, ...] = tuple(
 )
 
 
-def celeba_class(attributes: dict[str, int]) -> int | None:
-    """The pseudo-class (0-15) of one image's ``{attribute: +-1}``, or None if it is dropped."""
+AUTHORS_CELEBA_CLASSES: tuple[str, ...] = CELEBA_CLASSES[8:] + CELEBA_CLASSES[:8]
+CELEBA_NUMBERINGS = ("female-first", "male-first")
+
+
+def authors_classes(labels: torch.Tensor) -> torch.Tensor:
+    """Pseudo-classes numbered as here (female first) renumbered as the authors' (male 0-7,
+    female 8-15); the sex bit flips, age and hair keep their places. Its own inverse."""
+    return (labels + 8) % 16
+
+
+def to_unit_range(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """``uint8`` pixels to ``float32`` in ``[0, 1]`` (``x / 255``), the authors' CelebA range."""
+    if batch_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_unit_range expects uint8 pixels, got {batch_uint8.dtype}")
+    return batch_uint8.to(torch.float32) / 255.0
+
+
+def from_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model output in ``[0, 1]`` (clamped first) back to rounded ``uint8`` pixels."""
+    return (x.detach().to(torch.float32).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def celeba_class(attributes: dict[str, int], numbering: str = "female-first") -> int | None:
+    """The pseudo-class (0-15) of one image's ``{attribute: +-1}``, or None if it is dropped.
+
+    ``numbering`` "female-first" (this project's) or "male-first" (the authors').
+    """
+    if numbering not in CELEBA_NUMBERINGS:
+        raise UserError(f"Unknown CelebA class numbering {numbering!r}; choose one of: "
+                        f"{', '.join(CELEBA_NUMBERINGS)}.")
     for hair, name in enumerate(HAIR_ATTRIBUTES):
         if attributes[name] == 1:
             male = 1 if attributes["Male"] == 1 else 0
+            if numbering == "male-first":
+                male = 1 - male
             old = 0 if attributes["Young"] == 1 else 1
             return 8 * male + 4 * old + hair
     return None

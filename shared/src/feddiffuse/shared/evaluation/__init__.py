@@ -3,8 +3,9 @@
 - :class:`Evaluator` resolves the requested metrics (before any sampling) and scores sets of
   uint8 images against cached real-image features, each metric with its sample count and
   its real-vs-real floor (n train vs n test images).
-- :func:`evaluate_models` samples a global model, or every personal model (pooled and per
-  client), and scores the images; the simulator and ``feddiffuse evaluate`` use it.
+- :func:`evaluate_models` samples a global model, or every personal model (the mean over
+  clients as the headline, the pooled set beside it), and scores the images; the simulator
+  and ``feddiffuse evaluate`` use it.
 - :mod:`.maths` holds the Fréchet distance and the unbiased KID; :mod:`.inception` finds the
   TF-FID Inception weights offline; :mod:`.fmnist_classifier` is the domain feature network.
 """
@@ -23,7 +24,13 @@ from .features import FashionMNISTFeatures, FeatureExtractor, Unavailable
 from .inception import InceptionFeatures, find_inception_weights, inception_extractor
 from .maths import frechet_distance, frechet_distance_gaussians, kernel_distance, mmd2_unbiased
 from .reference import RealFeatures, features_cache_dir
-from .sampling import PERSONAL_MODES, evaluate_models, generate_images, split_counts
+from .sampling import (
+    PERSONAL_MODES,
+    client_statistics,
+    evaluate_models,
+    generate_images,
+    split_counts,
+)
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -37,6 +44,7 @@ __all__ = [
     "MetricResult",
     "RealFeatures",
     "Unavailable",
+    "client_statistics",
     "evaluate_models",
     "features_cache_dir",
     "find_inception_weights",
