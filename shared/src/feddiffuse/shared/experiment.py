@@ -2,10 +2,17 @@
 
 A grid file names the settings shared by every cell (``[simulation]``, any field of
 :class:`~feddiffuse.shared.simulate.SimulationConfig` except the ones the grid varies) and one
-or more ``[[sweep]]`` blocks, each a product of methods x clients x splits x local epochs. The
-union of the sweeps, times ``repeats``, plus a centralised baseline (K = 1) per local-epoch
-value and repeat, are the cells. Repeat r uses seed ``seed + r`` in every cell, so methods are
-compared on the same initial model and partition within a repeat (a paired design).
+or more ``[[sweep]]`` blocks, each a product of methods x clients x splits x local epochs,
+each with the grid's ``repeats`` or its own. The union of the sweeps (a configuration in two
+sweeps runs the larger number of repeats), plus the centralised baselines (K = 1), are the
+cells. Repeat r uses seed ``seed + r`` in every cell, so methods are compared on the same
+initial model and partition within a repeat (a paired design).
+
+Centralised baselines: ``centralised_epochs`` (one number or a list; default: R x E for each
+federated E) epochs of one client, run as ``centralised_mode = "one-round"`` (one round of
+that many epochs, one optimiser) or ``"rounds"`` (that many rounds of one epoch each, as the
+authors ran it: with a recipe that starts a fresh optimiser each round, Adam resets every
+epoch).
 
 Each cell runs in ``OUT/cells/<cell id>/`` and is finished once its ``report.json`` exists (the
 simulator writes it last, atomically); finished cells are never rerun. Then
@@ -24,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,6 +54,7 @@ class Sweep(BaseModel):
     clients: list[int] = Field(min_length=1)
     splits: list[str] = Field(default_factory=lambda: ["iid"], min_length=1)
     local_epochs: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    repeats: int | None = Field(default=None, ge=1)  # None: the grid's
 
 
 class GridSpec(BaseModel):
@@ -59,8 +67,10 @@ class GridSpec(BaseModel):
     repeats: int = Field(default=1, ge=1)
     seed: int = 0
     centralised: bool = True
-    # Epochs of the centralised baseline; None: rounds x E, the federated cells' data passes.
-    centralised_epochs: int | None = Field(default=None, ge=1)
+    # Epochs of the centralised baseline(s); None: rounds x E, the federated cells' data
+    # passes, one baseline per federated E.
+    centralised_epochs: int | list[int] | None = None
+    centralised_mode: Literal["one-round", "rounds"] = "one-round"
     simulation: dict[str, Any] = Field(default_factory=dict)
     sweep: list[Sweep] = Field(min_length=1)
 
@@ -80,12 +90,25 @@ class Cell:
     group_epochs: int = 0  # the federated E this cell is compared with (baselines)
 
     @property
-    def id(self) -> str:
+    def epochs(self) -> int:
+        """Passes over the data in the whole run (R x E)."""
+        return self.rounds * self.local_epochs
+
+    @property
+    def configuration(self) -> str:
+        """The id without the repeat: the cells that are repeats of one another share it."""
         if self.centralised:  # the baseline of the E = group_epochs cells, or a fixed one
+            rounds = "-rounds" if self.rounds > 1 else ""
             if self.group_epochs:
-                return f"{CENTRALISED}-e{self.group_epochs}-r{self.repeat}"
-            return f"{CENTRALISED}-{self.local_epochs}epochs-r{self.repeat}"
-        return f"{self.method}-k{self.clients}-{self.split}-e{self.local_epochs}-r{self.repeat}"
+                return f"{CENTRALISED}-e{self.group_epochs}{rounds}"
+            if self.rounds > 1:
+                return f"{CENTRALISED}-{self.rounds}rounds-e{self.local_epochs}"
+            return f"{CENTRALISED}-{self.local_epochs}epochs"
+        return f"{self.method}-k{self.clients}-{self.split}-e{self.local_epochs}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.configuration}-r{self.repeat}"
 
     @property
     def label(self) -> str:
@@ -130,6 +153,10 @@ def parse_grid(text: str, source: str = "grid") -> GridSpec:
                         "file.") from None
     known = {f.name for f in fields(SimulationConfig)}
     settable = ", ".join(sorted(known - set(VARIED)))
+    fixed = spec.centralised_epochs
+    if fixed is not None and min([fixed] if isinstance(fixed, int) else fixed or [0]) < 1:
+        raise UserError(f"{source}: centralised_epochs must be a number of epochs (at least "
+                        "1) or a list of them.")
     for key in spec.simulation:
         if key in VARIED:
             raise UserError(f"{source}: [simulation] may not set {key!r}; the grid varies it "
@@ -147,29 +174,64 @@ def load_grid(grid: str) -> tuple[GridSpec, str, Path]:
     return parse_grid(text, str(path)), text, path
 
 
+def _centralised_cells(spec: GridSpec, epochs_of_groups: list[int], rounds: int, repeat: int,
+                       seed: int) -> list[Cell]:
+    fixed = spec.centralised_epochs
+    targets: list[tuple[int, int]]  # (epochs, group E or 0 for a fixed baseline)
+    if fixed is None:
+        targets = [(rounds * e, e) for e in epochs_of_groups]
+    else:
+        targets = [(n, 0) for n in ([fixed] if isinstance(fixed, int) else fixed)]
+    cells = []
+    for epochs, group in targets:
+        if spec.centralised_mode == "rounds":
+            cell = Cell("full", 1, "iid", 1, epochs, repeat, seed, centralised=True,
+                        group_epochs=group)
+        else:
+            cell = Cell("full", 1, "iid", epochs, 1, repeat, seed, centralised=True,
+                        group_epochs=group)
+        if cell not in cells:
+            cells.append(cell)
+    return cells
+
+
 def grid_cells(spec: GridSpec) -> list[Cell]:
     """Every cell, in run order: per repeat, the baselines first, then the sweeps."""
     rounds = int(spec.simulation.get("rounds", SimulationConfig.rounds))
-    combos: list[tuple[str, int, str, int]] = []
+    combos: dict[tuple[str, int, str, int], int] = {}  # configuration -> repeats
     for sweep in spec.sweep:
+        repeats = sweep.repeats or spec.repeats
         for e in sweep.local_epochs:
             for split in sweep.splits:
                 for k in sweep.clients:
                     for method in sweep.methods:
-                        if (method, k, split, e) not in combos:
-                            combos.append((method, k, split, e))
+                        key = (method, k, split, e)
+                        combos[key] = max(combos.get(key, 0), repeats)
+    group_epochs = list(dict.fromkeys(c[3] for c in combos))
     cells: list[Cell] = []
-    for r in range(spec.repeats):
+    for r in range(max([spec.repeats, *combos.values()])):
         seed = spec.seed + r
-        if spec.centralised:
-            for e in dict.fromkeys(c[3] for c in combos):
-                epochs = spec.centralised_epochs or rounds * e
-                cell = Cell("full", 1, "iid", epochs, 1, r, seed, centralised=True,
-                            group_epochs=e if spec.centralised_epochs is None else 0)
-                if cell not in cells:
-                    cells.append(cell)
-        cells += [Cell(m, k, s, e, rounds, r, seed, group_epochs=e) for m, k, s, e in combos]
+        if spec.centralised and r < spec.repeats:
+            cells += _centralised_cells(spec, group_epochs, rounds, r, seed)
+        cells += [Cell(m, k, s, e, rounds, r, seed, group_epochs=e)
+                  for (m, k, s, e), n in combos.items() if r < n]
     return cells
+
+
+def repeat_counts(cells: list[Cell]) -> dict[str, int]:
+    """How many repeats each configuration of the grid runs, in run order."""
+    counts: dict[str, int] = {}
+    for cell in cells:
+        counts[cell.configuration] = counts.get(cell.configuration, 0) + 1
+    return counts
+
+
+def with_overrides(spec: GridSpec, **settings: Any) -> GridSpec:
+    """`spec` with [simulation] settings from the command line (None: keep the grid's)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if not given:
+        return spec
+    return spec.model_copy(update={"simulation": {**spec.simulation, **given}})
 
 
 def cell_config(spec: GridSpec, cell: Cell, out: Path) -> SimulationConfig:

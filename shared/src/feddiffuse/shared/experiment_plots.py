@@ -41,7 +41,11 @@ def metric_vs_clients(spec: GridSpec, rows: list[dict], metric: str, epochs: int
            and r[metric] is not None]
     if not fed:
         return None
-    base = [r[metric] for r in rows if r["method"] == CENTRALISED
+    from .experiment_report import _baselines
+
+    centralised = [r for r in rows if r["method"] == CENTRALISED]
+    _, denominator = _baselines(centralised, epochs, fed[0]["rounds"])
+    base = [r[metric] for r in centralised if r["epochs"] == denominator
             and r["group_epochs"] in (epochs, 0) and r[metric] is not None]
     splits = list(dict.fromkeys(r["split"] for r in fed))
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.6), squeeze=False,
@@ -135,8 +139,40 @@ def sample_grids(spec: GridSpec, outcomes: Sequence[CellOutcome], path: Path) ->
     return _save(fig, path)
 
 
+def metric_curves(spec: GridSpec, curves: list[dict], metric: str, key: tuple[int, str, int],
+                  path: Path) -> Path | None:
+    """Metric vs round and metric vs cumulative bytes, one line per method (mean over
+    repeats), for the cells of one (K, split, E): the traffic-quality frontier."""
+    k, split, e = key
+    chosen = [c for c in curves if (c["clients"], c["split"], c["local_epochs"]) == key
+              and c[metric] is not None]
+    if not chosen:
+        return None
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for method in [*_methods(spec), CENTRALISED]:
+        points = [c for c in chosen if c["method"] == method]
+        if not points:
+            continue
+        rounds = sorted({c["round"] for c in points})
+        values = [statistics.fmean(c[metric] for c in points if c["round"] == r)
+                  for r in rounds]
+        traffic = [statistics.fmean(c["cumulative_bytes"] for c in points if c["round"] == r)
+                   / 1e6 for r in rounds]
+        ax_r.plot(rounds, values, marker="o", label=method)
+        ax_b.plot(traffic, values, marker="o", label=method)
+    ax_r.set_xlabel("round")
+    ax_r.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_b.set_xlabel("cumulative bytes exchanged (MB, all clients)")
+    ax_r.set_ylabel(f"{metric} (lower is better)")
+    for ax in (ax_r, ax_b):
+        ax.grid(alpha=0.3)
+    ax_b.legend(fontsize=8)
+    fig.suptitle(f"{metric} over training, K = {k}, {split}, E = {e}")
+    return _save(fig, path)
+
+
 def write_plots(spec: GridSpec, outcomes: Sequence[CellOutcome], rows: list[dict],
-                metrics: list[str], out: Path) -> list[Path]:
+                metrics: list[str], out: Path, curves: list[dict] | None = None) -> list[Path]:
     written: list[Path | None] = []
     epochs = list(dict.fromkeys(r["local_epochs"] for r in rows if r["method"] != CENTRALISED))
     for metric in metrics:
@@ -147,4 +183,9 @@ def write_plots(spec: GridSpec, outcomes: Sequence[CellOutcome], rows: list[dict
     for k in sorted({o.cell.clients for o in outcomes if not o.cell.centralised}):
         written.append(communication(spec, outcomes, k, out / f"communication-k{k}.png"))
     written.append(sample_grids(spec, outcomes, out / "samples-per-method.png"))
+    curves = [c for c in curves or [] if c["method"] != CENTRALISED]
+    for metric in metrics:
+        for key in dict.fromkeys((c["clients"], c["split"], c["local_epochs"]) for c in curves):
+            written.append(metric_curves(spec, curves, metric, key, out / (
+                f"{metric}-curve-k{key[0]}-{key[1]}-e{key[2]}.png")))
     return [p for p in written if p is not None]

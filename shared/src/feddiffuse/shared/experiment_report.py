@@ -1,13 +1,18 @@
 """Tables and figures of a finished experiment grid.
 
-- ``results.csv``: one row per cell (pooled metrics, their floors, communication, timings);
-  ``per_client.csv``: one row per client of every personal-model cell.
+- ``results.csv``: one row per cell: each metric's headline (a global model's value; for
+  personal-model methods the mean over clients, each client scored on its own samples, as
+  the authors averaged), the standard deviation over clients, the pooled set's value, the
+  best and worst client, the floors, communication and timings; ``per_client.csv``: one row
+  per client of every personal-model cell; ``curves.csv``: the metric after every
+  ``eval_every`` rounds, with the cumulative traffic.
 - ``results.md``: per metric and local-epoch value, mean ± std over repeats in the paper's
-  table shape (rows "K, split", one column per method, the centralised baseline beside them),
-  the ratio to the centralised baseline, per-client spreads, and the communication totals.
+  table shape (rows "K, split", one column per method, the centralised baselines beside
+  them), the ratio to the centralised baseline, the personal models' mean over clients with
+  the pooled figure beside it, and the communication totals.
 - PNG plots: metric vs number of clients per method; cumulative communication per round per
   method, in parameters and in bytes (the paper's figure 4); one sample grid per method
-  (figure 5).
+  (figure 5); with curves, metric vs round and metric vs cumulative bytes.
 """
 
 from __future__ import annotations
@@ -35,10 +40,30 @@ def _metric_names(outcomes: Sequence[CellOutcome]) -> list[str]:
     return names
 
 
-def _value(report: dict, metric: str, key: str = "value") -> float | None:
-    entry = ((report.get("evaluation") or {}).get("metrics") or {}).get(metric) or {}
-    value = entry.get(key)
+def _number(value) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+def _value(report: dict, metric: str, key: str = "value") -> float | None:
+    """The pooled (or only) set's `key` of `metric`."""
+    entry = ((report.get("evaluation") or {}).get("metrics") or {}).get(metric) or {}
+    return _number(entry.get(key))
+
+
+def _personal(report: dict) -> bool:
+    return (report.get("evaluation") or {}).get("models") == "personal"
+
+
+def headline(report: dict, metric: str) -> float | None:
+    """The cell's figure: the one model's value, or the mean over its clients' own values
+    (reports written before the mean was recorded: computed from their per-client values)."""
+    evaluation = report.get("evaluation") or {}
+    if not _personal(report):
+        return _value(report, metric)
+    if "headline" in evaluation:
+        return _number(evaluation["headline"].get(metric))
+    values = _client_values(report, metric)
+    return statistics.fmean(values) if values else None
 
 
 def _client_values(report: dict, metric: str) -> list[float]:
@@ -59,12 +84,18 @@ def result_rows(outcomes: Sequence[CellOutcome]) -> tuple[list[dict], list[str]]
         totals = r["ledger"]["totals"]
         row = {"cell": c.id, "method": c.label, "clients": c.clients, "split": c.split,
                "local_epochs": c.local_epochs, "rounds": c.rounds, "group_epochs": c.group_epochs,
-               "repeat": c.repeat, "seed": c.seed, "images": r["dataset"]["images"],
+               "epochs": c.epochs, "repeat": c.repeat, "seed": c.seed,
+               "protocol": (r.get("protocol") or {}).get("protocol", "product"),
+               "images": r["dataset"]["images"],
                "eval_samples": (r.get("evaluation") or {}).get("samples")}
+        row["headline"] = "mean over clients" if _personal(r) else "one model"
         for m in metrics:
-            row[m] = _value(r, m)
-            row[f"{m}_real_vs_real"] = _value(r, m, "real_vs_real")
+            row[m] = headline(r, m)
             clients = _client_values(r, m)
+            row[f"{m}_clients_std"] = (statistics.stdev(clients) if len(clients) > 1
+                                       else None)
+            row[f"{m}_pooled"] = _value(r, m) if _personal(r) else None
+            row[f"{m}_real_vs_real"] = _value(r, m, "real_vs_real")
             row[f"{m}_best_client"] = min(clients) if clients else None
             row[f"{m}_worst_client"] = max(clients) if clients else None
         row.update({"total_params": totals["total_params"], "total_bytes": totals["total_bytes"],
@@ -98,6 +129,22 @@ def per_client_rows(outcomes: Sequence[CellOutcome], metrics: list[str]) -> list
     return rows
 
 
+def curve_rows(outcomes: Sequence[CellOutcome], metrics: list[str]) -> list[dict]:
+    """One row per evaluated round of every cell that kept a metric curve."""
+    rows = []
+    for o in outcomes:
+        for point in o.report.get("curve") or []:
+            row = {"cell": o.cell.id, "method": o.cell.label, "clients": o.cell.clients,
+                   "split": o.cell.split, "local_epochs": o.cell.local_epochs,
+                   "repeat": o.cell.repeat, "round": point["round"],
+                   "cumulative_params": point["cumulative_params"],
+                   "cumulative_bytes": point["cumulative_bytes"]}
+            for m in metrics:
+                row[m] = _number((point.get("headline") or {}).get(m))
+            rows.append(row)
+    return rows
+
+
 def _mean_std(values: list[float]) -> tuple[float, float | None] | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -121,39 +168,61 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def _baselines(base: list[dict], e: int, rounds: int) -> tuple[list[int], int | None]:
+    """The baselines beside the E = e table, as their total epochs, and the one the ratios
+    divide by: the one of this E, else the one of R epochs (the paper's), else the longest."""
+    own = [r for r in base if r["group_epochs"] == e]
+    chosen = own or [r for r in base if r["group_epochs"] == 0]
+    epochs = sorted({r["epochs"] for r in chosen})
+    if not epochs:
+        return [], None
+    if own:
+        return epochs, epochs[-1]
+    return epochs, (rounds if rounds in epochs else epochs[-1])
+
+
 def markdown(spec: GridSpec, rows: list[dict], metrics: list[str]) -> str:
     fed = [r for r in rows if r["method"] != CENTRALISED]
     base = [r for r in rows if r["method"] == CENTRALISED]
     methods = _ordered(m for s in spec.sweep for m in s.methods)
     splits = _ordered(s for sw in spec.sweep for s in sw.splits)
     epochs = _ordered(r["local_epochs"] for r in fed)
+    rounds = fed[0]["rounds"] if fed else 0
     repeats = max((r["repeat"] for r in rows), default=0) + 1
+    protocols = _ordered(r["protocol"] for r in rows)
     lines = [f"# Experiment grid `{spec.name}`", ""]
     if spec.description:
         lines += [spec.description.strip(), ""]
     sim = spec.simulation
-    lines += [f"{len(rows)} cells, {repeats} repeat(s) per cell (mean ± std over repeats; a "
-              "single run shows no spread). Preset "
+    lines += [f"{len(rows)} cells, up to {repeats} repeat(s) per cell (mean ± std over "
+              "repeats; a single run shows no spread). Preset "
               f"`{sim.get('preset', 'tiny')}`, dataset `{sim.get('dataset', 'fashion-mnist')}`"
               + (f" ({rows[0]['images']} training images)" if rows else "")
-              + f", R = {fed[0]['rounds'] if fed else '?'} rounds.", ""]
+              + f", R = {rounds or '?'} rounds, protocol {', '.join(protocols) or '?'}. "
+              "Personal-model methods (udec, ulatdec): the mean over clients, each client "
+              "scored on its own samples (see the pooled figures below).", ""]
     for metric in metrics:
         for e in epochs:
             group = [r for r in fed if r["local_epochs"] == e]
-            baseline = [r for r in base if r["group_epochs"] in (e, 0)]
+            b_epochs, denominator = _baselines(base, e, rounds)
+            baseline = [r for r in base if r["epochs"] in b_epochs
+                        and r["group_epochs"] in (e, 0)]
+            b_stats = {n: _mean_std([r[metric] for r in baseline if r["epochs"] == n])
+                       for n in b_epochs}
             floor = _mean_std([r[f"{metric}_real_vs_real"] for r in group + baseline])
             samples = _ordered(r["eval_samples"] for r in group + baseline)
-            b_stats = _mean_std([r[metric] for r in baseline])
-            b_epochs = _ordered(r["local_epochs"] for r in baseline)
             lines += [f"## {metric}, E = {e} (lower is better)", "",
-                      f"Samples per evaluated method: {', '.join(map(str, samples))}; "
+                      f"Samples per evaluated model: {', '.join(map(str, samples))}; "
                       f"real-vs-real floor {_fmt(floor)}; centralised baseline: one client, "
-                      f"{', '.join(map(str, b_epochs))} epoch(s).", ""]
-            header = ["K, split", *methods] + (["centralised"] if baseline else [])
+                      f"{', '.join(map(str, b_epochs)) or 'no'} epoch(s).", ""]
+            b_header = [f"centralised ({n} epochs)" if len(b_epochs) > 1 else "centralised"
+                        for n in b_epochs]
+            header = ["K, split", *methods, *b_header]
             ratio_lines = []
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             keys = _ordered((r["clients"], r["split"]) for r in sorted(
                 group, key=lambda r: (splits.index(r["split"]), r["clients"])))
+            denom = b_stats.get(denominator) if denominator is not None else None
             for k, split in keys:
                 cells = []
                 ratios = []
@@ -162,23 +231,31 @@ def markdown(spec: GridSpec, rows: list[dict], metrics: list[str]) -> str:
                             if (r["method"], r["clients"], r["split"]) == (m, k, split)]
                     stats = _mean_std(vals)
                     cells.append(_fmt(stats) if vals else "")
-                    ratios.append("" if stats is None or not b_stats or not b_stats[0]
-                                  else f"{stats[0] / b_stats[0]:.2f}")
-                row_cells = [f"{k}, {split}", *cells] + ([_fmt(b_stats)] if baseline else [])
+                    ratios.append("" if stats is None or not denom or not denom[0]
+                                  else f"{stats[0] / denom[0]:.2f}")
+                row_cells = [f"{k}, {split}", *cells, *(_fmt(b_stats[n]) for n in b_epochs)]
                 lines.append("| " + " | ".join(row_cells) + " |")
                 ratio_lines.append("| " + " | ".join([f"{k}, {split}", *ratios]) + " |")
-            if baseline and b_stats:
-                lines += ["", f"Ratio to the centralised baseline ({metric}, E = {e}; the paper "
-                          "compares ratios):", "",
+            if denom:
+                lines += ["", f"Ratio to the centralised baseline of {denominator} epochs "
+                          f"({metric}, E = {e}; the paper compares ratios):", "",
                           "| " + " | ".join(["K, split", *methods]) + " |",
                           "|" + "---|" * (len(methods) + 1), *ratio_lines]
             spread = [r for r in group if r[f"{metric}_worst_client"] is not None]
             if spread:
-                lines += ["", f"Personal models, per client ({metric}; each client's own "
-                          "samples, see per_client.csv): best / worst client", "",
-                          "| cell | best | worst |", "|---|---|---|"]
+                lines += ["", f"Personal models ({metric}): the mean ± std over clients (each "
+                          "client's own samples; the table's figure), the pooled set of all "
+                          "clients' samples (larger, so less small-sample bias: not "
+                          "comparable with a global model's figure), and the best and worst "
+                          "client; see per_client.csv.", "",
+                          "| cell | mean over clients | pooled | best | worst |",
+                          "|---|---|---|---|---|"]
                 for r in spread:
-                    lines.append(f"| {r['cell']} | {format_value(r[f'{metric}_best_client'])} "
+                    mean = (r[metric], r[f"{metric}_clients_std"]) \
+                        if r[metric] is not None else None
+                    lines.append(f"| {r['cell']} | {_fmt(mean)} "
+                                 f"| {format_value(r[f'{metric}_pooled'])} "
+                                 f"| {format_value(r[f'{metric}_best_client'])} "
                                  f"| {format_value(r[f'{metric}_worst_client'])} |")
             lines.append("")
     lines += ["## Communication (whole run, all clients)", "",
@@ -201,14 +278,18 @@ def write_report(spec: GridSpec, outcomes: Sequence[CellOutcome], out: str | Pat
     out = Path(out)
     rows, metrics = result_rows(outcomes)
     client_rows = per_client_rows(outcomes, metrics)
+    curves = curve_rows(outcomes, metrics)
     md = markdown(spec, rows, metrics)
     written = []
-    for name, data in (("results.csv", _csv(rows)), ("per_client.csv", _csv(client_rows)),
-                       ("results.md", md.encode())):
+    files = [("results.csv", _csv(rows)), ("per_client.csv", _csv(client_rows)),
+             ("results.md", md.encode())]
+    if curves:
+        files.append(("curves.csv", _csv(curves)))
+    for name, data in files:
         atomic_write_bytes(out / name, data)
         written.append(out / name)
     if plots:
         from .experiment_plots import write_plots  # local: matplotlib loads in ~1 s
 
-        written += write_plots(spec, outcomes, rows, metrics, out)
+        written += write_plots(spec, outcomes, rows, metrics, out, curves)
     return written
