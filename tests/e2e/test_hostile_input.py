@@ -100,9 +100,7 @@ def assert_error_body(status: int, content_type: str | None, body: bytes,
     assert isinstance(payload, dict) and set(payload) == {"code", "message"}, (payload, context)
     assert isinstance(payload["message"], str) and payload["message"], (payload, context)
     code = ErrorCode(payload["code"])
-    # 405 has no code of its own in the protocol; the hub answers it as bad_request.
-    expected = 405 if status == 405 and code == ErrorCode.BAD_REQUEST else ERROR_STATUS[code]
-    assert status == expected, (status, payload, context)
+    assert status == ERROR_STATUS[code], (status, payload, context)
     return code
 
 

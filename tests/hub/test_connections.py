@@ -77,6 +77,55 @@ def test_connections_that_send_no_or_slow_headers_are_closed(tmp_path, kit):
         assert httpx.get(f"{server.url}{A}/health").status_code == 200
 
 
+def test_error_answers_carry_protocol_codes_the_edge_client_retries(tmp_path, kit):
+    """405, 408 and 503 answers carry ErrorCodes of the shared protocol (a client parses them
+    as ErrorBody), at the status ERROR_STATUS gives them; the edge client takes 408 and 503
+    as a busy hub to retry (HubUnavailable, with the Retry-After the hub sent)."""
+    from feddiffuse.edge_client.errors import HubUnavailable
+    from feddiffuse.edge_client.hub_client import _error_from_response
+    from feddiffuse.shared.protocol import ERROR_STATUS, ErrorBody, ErrorCode
+
+    def code_of(status: int, content: bytes) -> ErrorCode:
+        code = ErrorBody.model_validate_json(content).code
+        assert ERROR_STATUS[code] == status, (status, content)
+        return code
+
+    setup = kit.make_hub(tmp_path / "hub", clients=("alice", "bob"))
+    limits = ServeLimits(header_timeout_s=0.3, max_uploads_in_progress=1, retry_after_s=7)
+    with Hub.open(setup.root, serve=True) as hub, kit.serve(hub, limits=limits) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            r = http.put(f"{A}/manifest", headers=setup.auth("alice"))
+            assert r.status_code == 405 and "GET" in r.headers["allow"]
+            assert code_of(405, r.content) == ErrorCode.METHOD_NOT_ALLOWED
+
+            s = connect(server.port)  # sends nothing: its headers never arrive
+            status, headers, body = head_and_body(read_until_closed(s))
+            s.close()
+            assert code_of(status, body) == ErrorCode.REQUEST_TIMEOUT
+            late = _error_from_response(httpx.Response(status, headers=headers, content=body),
+                                        server.url)
+            assert isinstance(late, HubUnavailable)
+
+            prepared = {c: kit.participate(http, c, setup.tokens[c], upload=False)
+                        for c in ("alice", "bob")}
+            slots = server.app.state.upload_slots
+            release = threading.Event()
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(http.put, f"{A}/rounds/1/update",
+                                    content=_held_body(prepared["alice"].body, release),
+                                    headers=setup.auth("alice"))
+                kit.wait_until(lambda: slots.in_progress == 1 or first.done(),
+                               "alice's upload is in progress")
+                with httpx.Client(base_url=server.url, timeout=60) as other:
+                    busy = other.put(f"{A}/rounds/1/update", content=prepared["bob"].body,
+                                     headers=setup.auth("bob"))
+                release.set()
+                assert first.result().status_code == 200, first.result().text
+            assert code_of(busy.status_code, busy.content) == ErrorCode.UNAVAILABLE
+            refused = _error_from_response(busy, server.url)
+            assert isinstance(refused, HubUnavailable) and refused.retry_after == 7.0
+
+
 def test_a_stalled_upload_body_is_cut_off_and_leaves_nothing(tmp_path, kit):
     setup = kit.make_hub(tmp_path / "hub", clients=("alice", "bob"))
     limits = ServeLimits(body_idle_timeout_s=0.3)
@@ -181,6 +230,7 @@ def test_urls_answer_plainly(tmp_path, kit):
             assert head.status_code == 200 and head.content == b""
             r = http.delete(f"{A}/manifest", headers=setup.auth("alice"))
             assert r.status_code == 405 and set(r.json()) == {"code", "message"}
+            assert r.json()["code"] == "method_not_allowed"
 
 
 def test_downloads_count_the_bytes_sent(tmp_path, kit):

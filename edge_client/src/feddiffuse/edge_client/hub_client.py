@@ -129,7 +129,10 @@ def _error_from_response(response: httpx.Response, url: str) -> HubError:
                              status, code)
     if code == ErrorCode.FEDERATION_FINISHED:
         return FederationFinished(f"The federation is finished ({said}).", status, code)
-    if status >= 500 or status in _RETRY_STATUS:
+    # 503 unavailable (busy: too many uploads at once) and 408 request_timeout (the hub cut
+    # off a request that stalled) are worth sending again, after Retry-After when it is said.
+    if (status >= 500 or status in _RETRY_STATUS
+            or code in (ErrorCode.UNAVAILABLE, ErrorCode.REQUEST_TIMEOUT)):
         return HubUnavailable(f"the hub at {url} answered {status} ({said})",
                               retry_after=_retry_after(response))
     if status == 409 or code in _MOVED_ON:

@@ -22,7 +22,7 @@ from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.protocol import API_PREFIX, ErrorBody, ErrorCode
 
 from .coordinator import Hub
-from .errors import HubCode, HubError, error_status
+from .errors import HubError, error_status
 from .limits import ServeLimits
 from .routes import router
 from .services import UploadSlots
@@ -32,17 +32,17 @@ log = logging.getLogger("feddiffuse.hub")
 access_log = logging.getLogger("feddiffuse.hub.access")
 
 _CODE_OF_STATUS = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN,
-                   404: ErrorCode.NOT_FOUND, 413: ErrorCode.TOO_LARGE,
-                   416: ErrorCode.RANGE_NOT_SATISFIABLE}
+                   404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED,
+                   408: ErrorCode.REQUEST_TIMEOUT, 413: ErrorCode.TOO_LARGE,
+                   416: ErrorCode.RANGE_NOT_SATISFIABLE, 503: ErrorCode.UNAVAILABLE}
 
 
-def _error(code: ErrorCode | HubCode, message: str, status: int | None = None,
+def _error(code: ErrorCode, message: str, status: int | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     # A message may quote what a client sent (e.g. upload metadata with a lone surrogate,
     # which JSON can parse but UTF-8 cannot encode): escape what UTF-8 cannot carry.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    body = (ErrorBody(code=code, message=message).model_dump(mode="json")
-            if isinstance(code, ErrorCode) else {"code": code.value, "message": message})
+    body = ErrorBody(code=code, message=message).model_dump(mode="json")
     return JSONResponse(body, status_code=status or error_status(code), headers=headers)
 
 
@@ -143,7 +143,7 @@ class HubMiddleware:
                 message = await asyncio.wait_for(receive(), idle)
             except TimeoutError:
                 body["stalled"] = True
-                raise HubError(HubCode.REQUEST_TIMEOUT, f"no byte of the request's body "
+                raise HubError(ErrorCode.REQUEST_TIMEOUT, f"no byte of the request's body "
                                f"arrived for {idle:g} s; the connection is closed") from None
             if message["type"] == "http.request":
                 seen["in"] += len(message.get("body", b""))

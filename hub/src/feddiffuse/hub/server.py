@@ -13,12 +13,13 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import HubCode
+from feddiffuse.shared.protocol import ErrorCode
+
 from .limits import ServeLimits
 
 
 def _timeout_answer(seconds: float) -> bytes:
-    body = json.dumps({"code": HubCode.REQUEST_TIMEOUT.value,
+    body = json.dumps({"code": ErrorCode.REQUEST_TIMEOUT.value,
                        "message": f"the request's headers did not arrive within {seconds:g} s"
                        }).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"

@@ -14,7 +14,7 @@ from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.protocol import ErrorCode, UploadReceipt
 
 from .blobs import BlobStore, is_sha256
-from .errors import HubCode, HubError
+from .errors import HubError
 from .layout import ModelLayout, canonical_segments
 from .settings import FederationSettings
 from .status import to_datetime
@@ -194,7 +194,7 @@ class UploadSlots:
     def taken(self) -> Iterator[None]:
         with self._lock:
             if self.in_progress >= self.limit:
-                raise HubError(HubCode.UNAVAILABLE, f"the hub is receiving {self.limit} "
+                raise HubError(ErrorCode.UNAVAILABLE, f"the hub is receiving {self.limit} "
                                f"uploads already; send yours again in {self.retry_after_s} s",
                                {"Retry-After": str(self.retry_after_s)})
             self.in_progress += 1

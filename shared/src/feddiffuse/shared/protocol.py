@@ -45,6 +45,8 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # missing or unknown token
     FORBIDDEN = "forbidden"  # revoked token, or a client token on an admin endpoint
     NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # the path exists, not with this HTTP method
+    REQUEST_TIMEOUT = "request_timeout"  # the request's headers or body stopped arriving
     ROUND_CLOSED = "round_closed"  # the upload is for a round that is no longer open
     NOT_PARTICIPANT = "not_participant"  # the caller is not part of this round
     WRONG_SEGMENTS = "wrong_segments"  # the upload holds other segments than assigned
@@ -55,6 +57,7 @@ class ErrorCode(StrEnum):
     RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
     FEDERATION_FINISHED = "federation_finished"
     INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"  # busy (too many uploads at once): retry after Retry-After
 
 
 # The HTTP status the hub answers with for each error code.
@@ -63,6 +66,8 @@ ERROR_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.ROUND_CLOSED: 409,
     ErrorCode.NOT_PARTICIPANT: 409,
     ErrorCode.WRONG_SEGMENTS: 409,
@@ -73,6 +78,7 @@ ERROR_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RANGE_NOT_SATISFIABLE: 416,
     ErrorCode.FEDERATION_FINISHED: 409,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
 }
 
 
