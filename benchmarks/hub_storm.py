@@ -33,9 +33,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -118,8 +120,16 @@ async def _storm(url: str, bodies: dict[str, bytes], tokens: dict[str, str], chu
                 busy.append(c)
                 await asyncio.sleep(float(r.headers.get("retry-after", "1")))
 
+        async def reported(c: str) -> tuple[int, bytes]:
+            try:
+                return await one(c)
+            except httpx.TransportError as exc:  # a reset, a cut-off connection: no answer
+                problems.append(f"{c}: no answer, {type(exc).__name__} "
+                                f"{time.monotonic() - t0:.2f} s into the storm: {exc!r}")
+                return 0, b""
+
         t0 = time.monotonic()
-        results = await asyncio.gather(*(one(c) for c in bodies))
+        results = await asyncio.gather(*(reported(c) for c in bodies))
         t1 = time.monotonic()
     return t0, t1, dict(zip(bodies, results, strict=True)), problems, len(busy)
 
@@ -137,6 +147,32 @@ def _wait_closed(url: str, admin: str, timeout: float = 600) -> dict:
             return status
         time.sleep(0.2)
     raise RuntimeError("round 1 did not close")
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _watch(proc: subprocess.Popen, started: float, stopping: threading.Event,
+           log: Path) -> threading.Thread:
+    """Say at once (on stderr) if the hub process ends before we stop it, and how."""
+    def watch() -> None:
+        while not stopping.is_set():
+            if proc.poll() is not None:
+                print(f"  HUB DIED {time.monotonic() - started:.1f} s into the run: "
+                      f"{_how_it_ended(proc.returncode)} (log: {log})", file=sys.stderr,
+                      flush=True)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, name="hub-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def run(work: Path, clients: int, idle_seconds: float) -> bool:
@@ -185,6 +221,8 @@ def run(work: Path, clients: int, idle_seconds: float) -> bool:
     with open(log, "wb") as out:
         proc = subprocess.Popen([hub_load.HUB_EXE, "serve", str(root), "--port", str(port),
                                  "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+    stopping = threading.Event()
+    _watch(proc, started, stopping, log)
     try:
         hub_load._wait_http(f"{url}/api/v1/health", proc)
 
@@ -203,13 +241,26 @@ def run(work: Path, clients: int, idle_seconds: float) -> bool:
         storm_all = _finish_probe(probe, p_out, p_stop)
         storm = [s for s in storm_all if t0 <= s[0] and s[0] + s[1] <= t1]
         probe_errors = [s for s in storm_all if s[2] != 200]
+        unanswered = [p for p in problems if ": no answer" in p]
+        if unanswered:  # the round cannot close: say so now rather than wait for it
+            for p in unanswered[:10]:
+                print(f"  PROBLEM: {p}")
+            alive = ("still serving" if proc.poll() is None
+                     else _how_it_ended(proc.returncode))
+            raise SystemExit(f"FAILED: {len(unanswered)} upload(s) got no answer; the hub "
+                             f"process is {alive} (hub log: {log})")
 
         # 5. the round closes and is aggregated; the hub's peak memory
         status = _wait_closed(url, admin)
         aggregated_at = time.monotonic()
         rss_peak = hub_load._proc_kb(proc.pid, "VmHWM")
     finally:
-        hub_load._stop(proc)
+        stopping.set()
+        if proc.poll() is not None:
+            print(f"  the hub had ended on its own: {_how_it_ended(proc.returncode)}",
+                  file=sys.stderr)
+        else:
+            hub_load._stop(proc)
 
     # Every upload accepted exactly once, by the receipts and by the hub's records.
     receipts = {}

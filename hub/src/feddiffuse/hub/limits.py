@@ -20,7 +20,12 @@ class ServeLimits:
     # (128 whole paper-fmnist uploads: 1.6 GB of temporary files, 128 MiB of batches.)
     max_uploads_in_progress: int = 128
     retry_after_s: int = 2  # what a 503 tells the client to wait
-    keep_alive_s: int = 5  # an idle connection between requests is closed after this
+    # An idle connection between requests is closed after this, quietly. It must outlast the
+    # clients' own keep-alive (httpx, the edge client's: 5 s, counted from a little later than
+    # ours): a client then drops an idle connection before the hub does. With the two equal, a
+    # client that reuses one idle ~5 s sends its request into the hub's close and gets a reset
+    # (ReadError), never an answer; 100 uploads queued in one client's pool did, under load.
+    keep_alive_s: int = 15
 
     def validated(self) -> ServeLimits:
         for name in ("header_timeout_s", "body_idle_timeout_s"):

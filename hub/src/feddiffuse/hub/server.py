@@ -29,7 +29,9 @@ def _timeout_answer(seconds: float) -> bytes:
 
 class HeaderTimeoutH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request headers take longer than
-    `header_timeout_s`, counted from the connection's start or the end of its last answer."""
+    `header_timeout_s`, counted from the connection's start, or on a kept-alive connection
+    from the first byte of its next request. A kept-alive connection that stays idle is
+    uvicorn's keep-alive timeout's to close, quietly (no 408 that no request asked for)."""
 
     header_timeout_s = ServeLimits.header_timeout_s
 
@@ -59,14 +61,12 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        first_bytes = self._header_timer is None and self.conn.their_state is h11.IDLE
         super().data_received(data)
-        if self._header_timer is not None and self.conn.their_state is not h11.IDLE:
+        if self.conn.their_state is not h11.IDLE:
             self._disarm_header_timer()  # the headers are in
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._arm_header_timer()  # the next request's headers
+        elif first_bytes and data and not self.transport.is_closing():
+            self._arm_header_timer()  # a kept-alive connection's next request has begun
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
