@@ -157,3 +157,56 @@ def test_ddim_error_shrinks_as_steps_grow():
     stds = [ddim_sample(model, s, (2048, 1, 2, 2), make_generator(0), steps=n).std().item()
             for n in (10, 50, 200)]
     assert stds[0] < stds[1] < stds[2] < 0.15 * 1.03
+
+
+def test_ddpm_over_all_steps_is_the_plain_chain_whatever_the_steps_argument():
+    model = build_unet("tiny", seed=0)
+    s = DiffusionSchedule.linear(timesteps=20)
+    plain = ddpm_sample(model, s, (2, 1, 28, 28), make_generator(5))
+    assert torch.equal(plain, ddpm_sample(model, s, (2, 1, 28, 28), make_generator(5),
+                                          steps=20))
+    assert torch.equal(plain, sample(model, s, 2, make_generator(5), "ddpm", steps=20,
+                                     batch_size=2))
+
+
+def test_respaced_ddpm_visits_the_chosen_steps_and_recovers_the_data():
+    counted = _Oracle()
+    ddpm_sample(counted, DiffusionSchedule.linear(timesteps=20), (1, 1, 4, 4),
+                make_generator(0), steps=5)
+    assert counted.calls == [19, 14, 10, 5, 0]
+    # With the posterior variance, few steps under-disperse: the spread nears the data's
+    # (and the full chain's) as the steps grow; the mean is right throughout.
+    s = DiffusionSchedule.linear()
+    model = _GaussianOracle(s, 0.2, 0.15)
+    runs = [ddpm_sample(model, s, (2048, 1, 2, 2), make_generator(0), steps=n)
+            for n in (50, 250, 999)]
+    assert all(x.mean().item() == pytest.approx(0.2, abs=0.01) for x in runs)
+    stds = [x.std().item() for x in runs]
+    full = ddpm_sample(model, s, (2048, 1, 2, 2), make_generator(0)).std().item()
+    assert stds[0] < stds[1] < stds[2] and stds[2] == pytest.approx(full, rel=0.01)
+
+
+def test_x0_clipping_is_a_choice_of_both_samplers():
+    # An untrained UNet predicts noise whose x0 leaves [-1, 1], so clipping changes the images;
+    # the defaults are what they were: DDIM clips, DDPM does not.
+    model = build_unet("tiny", seed=0)
+    s = DiffusionSchedule.linear(timesteps=20)
+    for sampler, default_clips in (("ddim", True), ("ddpm", False)):
+        kw = {"steps": 5 if sampler == "ddim" else 20, "batch_size": 2}
+        default = sample(model, s, 2, make_generator(1), sampler, **kw)
+        same = sample(model, s, 2, make_generator(1), sampler, clip_x0=default_clips, **kw)
+        other = sample(model, s, 2, make_generator(1), sampler, clip_x0=not default_clips, **kw)
+        assert torch.equal(default, same), sampler
+        assert not torch.equal(default, other), sampler
+
+
+def test_a_sampler_spec_says_what_it_does_and_refuses_bad_settings():
+    from feddiffuse.shared.diffusion import SamplerSpec
+
+    assert SamplerSpec().describe() == "DDIM 50 steps, x0 clipped"
+    assert SamplerSpec("ddpm", 1000).describe() == "DDPM 1000 steps, no x0 clipping"
+    assert SamplerSpec("ddpm", 1000, True).clips and not SamplerSpec("ddim", 5, False).clips
+    with pytest.raises(UserError, match="Unknown sampler 'plms'"):
+        SamplerSpec("plms").validate()
+    with pytest.raises(UserError, match="between 1 and 1000"):
+        SamplerSpec("ddpm", 0).validate()

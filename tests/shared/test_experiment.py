@@ -14,7 +14,9 @@ from feddiffuse.shared.experiment import (
     grid_cells,
     load_grid,
     parse_grid,
+    repeat_counts,
     shipped_grids,
+    with_overrides,
 )
 
 runner = CliRunner()
@@ -70,13 +72,68 @@ def test_cpu_small_is_the_documented_grid():
     assert "fd_fmnist" in spec.simulation["eval_metrics"]
 
 
-def test_paper_grid_has_the_papers_rows():
+def test_paper_grid_has_the_authors_cells_and_repeats():
     spec, _, _ = load_grid("paper-fmnist")
-    rows = {(c.clients, c.split) for c in grid_cells(spec) if c.local_epochs == 5
-            and not c.centralised}
-    assert rows == {(2, "iid"), (5, "iid"), (10, "iid"), (5, "label-skew"),
-                    (5, "quantity-skew")}
-    assert spec.simulation["rounds"] == 15 and spec.centralised_epochs == 15
+    cells = grid_cells(spec)
+    fed = [c for c in cells if not c.centralised]
+    assert spec.simulation["protocol"] == "paper" and spec.simulation["rounds"] == 15
+    assert spec.simulation["eval_samples"] == 1000 and "fid" in spec.simulation["eval_metrics"]
+    # The method comparison: every method at K in {2, 5, 10} x every split, E = 5.
+    comparison = {(c.method, c.clients, c.split) for c in fed if c.local_epochs == 5}
+    assert comparison == {(m, k, s) for m in ("full", "usplit", "udec", "ulatdec")
+                          for k in (2, 5, 10)
+                          for s in ("iid", "label-skew", "quantity-skew")}
+    # The local-epoch sweep: full only, IID, K in {2, 5, 10}, E in {1, 2, 3, 5, 8}.
+    sweep = {(c.method, c.clients, c.split, c.local_epochs) for c in fed if c.local_epochs != 5}
+    assert sweep == {("full", k, "iid", e) for k in (2, 5, 10) for e in (1, 2, 3, 8)}
+    counts = repeat_counts(cells)
+    for cell in fed:  # 5 runs per configuration, 3 at K = 10, as the authors ran
+        assert counts[cell.configuration] == (3 if cell.clients == 10 else 5), cell.id
+    # The centralised baseline as the authors ran it: K = 1, N rounds of one epoch.
+    base = [c for c in cells if c.centralised]
+    assert {(c.clients, c.rounds, c.local_epochs) for c in base} == {(1, 10, 1), (1, 15, 1)}
+    assert all(counts[c.configuration] == 5 for c in base)
+    # 2 baselines x 5, (24 comparison + 8 sweep) configurations x 5, (12 + 4) at K = 10 x 3.
+    assert len(cells) == 2 * 5 + (24 + 8) * 5 + (12 + 4) * 3 == 218
+
+
+def test_the_paper_grid_dry_run_lists_the_configurations_and_repeats(tmp_path):
+    res = runner.invoke(app, ["experiment", "paper-fmnist", "--dry-run", "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "218 cells" in res.output and "protocol paper" in res.output
+    assert "50 configurations (repeats):" in res.output
+    for line in ("centralised-15rounds-e1: 5 repeats", "centralised-10rounds-e1: 5 repeats",
+                 "udec-k5-quantity-skew-e5: 5 repeats", "full-k10-iid-e8: 3 repeats",
+                 "ulatdec-k10-label-skew-e5: 3 repeats", "full-k2-iid-e1-r4: to run"):
+        assert line in res.output, line
+    assert "full-k10-iid-e8-r3" not in res.output  # K = 10 stops after 3 repeats
+
+
+def test_command_line_settings_replace_the_grids_in_every_cell(tmp_path):
+    spec = with_overrides(parse_grid(TINY_GRID), protocol="paper", sampler="ddim",
+                          eval_steps=3, clip_x0=None, personal_model="merged")
+    for cell in grid_cells(spec):
+        config = cell_config(spec, cell, tmp_path)
+        assert (config.protocol, config.sampler, config.eval_steps) == ("paper", "ddim", 3)
+        assert config.clip_x0 is None and config.resolved_personal_model() == "merged"
+        assert config.resolved_recipe().name == "paper"  # the rest is the protocol's
+    assert with_overrides(spec) is spec
+
+
+def test_a_sweep_with_its_own_repeats_and_fixed_baselines_in_rounds():
+    grid = TINY_GRID.replace("seed = 3", "seed = 3\nrepeats = 2\ncentralised_mode = 'rounds'"
+                             "\ncentralised_epochs = [2, 3]")
+    grid += "\n[[sweep]]\nmethods = ['full']\nclients = [4]\nrepeats = 1\n"
+    cells = grid_cells(parse_grid(grid))
+    assert [c.id for c in cells] == [
+        "centralised-2rounds-e1-r0", "centralised-3rounds-e1-r0", "full-k2-iid-e1-r0",
+        "udec-k2-iid-e1-r0", "full-k4-iid-e1-r0",
+        "centralised-2rounds-e1-r1", "centralised-3rounds-e1-r1", "full-k2-iid-e1-r1",
+        "udec-k2-iid-e1-r1"]
+    assert [(c.rounds, c.local_epochs, c.epochs) for c in cells[:2]] == [(2, 1, 2), (3, 1, 3)]
+    with pytest.raises(UserError, match="centralised_epochs"):
+        parse_grid(grid.replace("[2, 3]", "[0]"))
 
 
 def test_repeats_get_their_own_seed_and_baselines():
