@@ -4,7 +4,7 @@
   `on_screen(app, Dashboard)`: shown *and* mounted, so its widgets can be queried); fail the
   test with a sentence when it never holds (the timeout is only there so a broken build fails
   instead of hanging, never as a time budget after which the test goes on anyway).
-- `TrainingGate`: wraps the participant's `train_local` so training holds at a chosen step or
+- `TrainingGate`: wraps the round's `train_local` (edge_client.round_work) so training holds at a chosen step or
   epoch until the test releases it. A test can then press Cancel, leave the dashboard or
   rejoin while the loop is surely still training, on any machine, fast or slow.
 - `wait_until_stopped(proc)`: wait until a client subprocess run with
@@ -62,7 +62,7 @@ class TrainingGate:
 
     def __init__(self, monkeypatch, *, hold_after_step: int | None = None,
                  hold_after_epoch: int | None = None, timeout: float = GENEROUS_S) -> None:
-        from feddiffuse.edge_client import participant
+        from feddiffuse.edge_client import participant, round_work
 
         assert (hold_after_step is None) != (hold_after_epoch is None)
         self.hold_after_step = hold_after_step
@@ -70,8 +70,9 @@ class TrainingGate:
         self.timeout = timeout
         self.runs: list[GatedRun] = []
         self._closed = False
-        self._real = participant.train_local
-        monkeypatch.setattr(participant, "train_local", self._train_local)
+        self._real = round_work.train_local
+        monkeypatch.setattr(round_work, "train_local", self._train_local)
+        monkeypatch.setattr(round_work, "PROGRESS_INTERVAL_S", 0.0)
         monkeypatch.setattr(participant, "PROGRESS_INTERVAL_S", 0.0)
 
     def run(self, index: int) -> GatedRun | None:

@@ -85,8 +85,9 @@ async def test_setup_to_dashboard_progress_cancel_resume_and_samples(tmp_path, m
             assert not hub.received()
 
             await pilot.click("#start")  # resume from the last checkpoint and finish
-            await wait_until(pilot, lambda: "Done: round(s) 1" in text_of(
-                dash.query_one("#phase", Static)), what="the round")
+            # The only round was the last one: the client stays for the final model.
+            await wait_until(pilot, lambda: "is finished after 1 rounds: its final model" in
+                             text_of(dash.query_one("#phase", Static)), what="the round")
             assert "resuming from the checkpoint of epoch 1/2" in log_text(dash)
             assert len(gate.runs) == 2 and not gate.runs[1].result.stopped
             assert "bottleneck, decoder" in text_of(dash.query_one("#segments", Static))

@@ -317,8 +317,10 @@ class Dashboard(Screen):
         elif str(m.phase) == "finished" and before[1] != "finished":
             self.log_line(f"Round {m.round} closed, new global model "
                           f"{m.global_version[:12]}: the final one.")
-        if before is not None and (m.round, m.global_version) != (before[0], before[2]):
-            # A new round: what the bars showed belongs to the one before.
+        if (before is not None and str(m.phase) != "finished"
+                and (m.round, m.global_version) != (before[0], before[2])):
+            # A new round: what the bars showed belongs to the one before. (The end of the
+            # federation is no new round: what this client uploaded last stays shown.)
             self._reset_bars()
             self.uploaded_segments = ()
             self.query_one("#segments", Static).update(
