@@ -138,8 +138,10 @@ def test_samples_screen_with_a_grid(snap_compare, size):
         screen = pilot.app.screen
         await wait_until(pilot, lambda: screen.result is result, what="the grid")
         view = screen.query_one("#grid", ImageView)
-        await wait_until(pilot, lambda: view.scale is not None, what="the grid's scale")
-        assert view.fit and "Scaled to fit" in str(screen.query_one("#grid-scale").render())
+        # The label follows the view's Scaled message: wait for it, not just for the scale.
+        await wait_until(pilot, lambda: "Scaled to fit" in str(
+            screen.query_one("#grid-scale").render()), what="the grid's scale line")
+        assert view.fit and view.scale is not None
 
     assert snap_compare(still(ClientApp(devices=DEVICES)), terminal_size=size, run_before=show)
 

@@ -52,7 +52,7 @@ def test_empty_image_folder_is_a_clear_error(tmp_path):
     empty.mkdir()
     res = runner.invoke(app, ["simulate", "--dataset", str(empty), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
-    assert "No usable PNG or JPEG images" in res.output
+    assert "No usable images found" in res.output
     assert not (tmp_path / "o").exists()
 
 

@@ -9,7 +9,6 @@ client id), which gives the same result.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,14 +18,7 @@ from .aggregation import AggregationStrategy, FedAvg, SegmentedUpdate
 from .errors import FedDiffuseError
 from .ledger import DOWNLINK, UPLINK, Transfer
 from .methods import ClientPlan, check_method, plan_round
-
-
-def training_seed(federation_seed: int, round_index: int, client_id: str) -> int:
-    """The seed a client trains with in a round: fixed by the federation's seed, distinct per
-    client. The hub puts it in each client's manifest and the simulator uses the same, so a
-    simulation and a real federation train every client alike."""
-    digest = hashlib.sha256(f"train:{federation_seed}:{round_index}:{client_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+from .seeds import training_seed  # noqa: F401 - the simulator takes it from here
 
 
 class RoundError(FedDiffuseError):
