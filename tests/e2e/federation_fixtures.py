@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from support.net import free_port, wait_healthy
 
 from feddiffuse.hub.paths import HubPaths
 from feddiffuse.hub.store import open_store
@@ -36,12 +36,6 @@ FAST = ["--backoff-initial", "0.1", "--backoff-max", "0.5", "--poll", "0.2"]
 # The client's test hook: SIGSTOP itself once, right after the checkpoint of this epoch.
 PAUSE_AFTER_EPOCH_ENV = "FEDDIFFUSE_TEST_PAUSE_AFTER_EPOCH"
 TOKEN_LINE = re.compile(r"^fdh_\S+$", re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(home: Path | None = None, **extra: str) -> dict[str, str]:
@@ -122,17 +116,8 @@ class Federation:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.hub is not None and self.hub.poll() is not None:
-                raise AssertionError(f"the hub exited: {self.hub_log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}{API_PREFIX}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the hub did not start: {self.hub_log.read_text()[-2000:]}")
+        wait_healthy(f"{self.url}{API_PREFIX}/health", proc=self.hub, log=self.hub_log,
+                     timeout=timeout)
 
     def kill_hub(self) -> None:
         """kill -9 the serving process."""

@@ -8,20 +8,15 @@ Every run is small (tiny preset, 32 Fashion-MNIST images per client, 1-2 local e
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).parent))  # federation_fixtures, beside this file
-
-from federation_fixtures import (  # noqa: E402
+from edge_proxy import CuttingProxy  # the edge client tests' cutting TCP proxy
+from federation_fixtures import (
     BIN,
     PAUSE_AFTER_EPOCH_ENV,
     Federation,
@@ -29,25 +24,17 @@ from federation_fixtures import (  # noqa: E402
     expected_transfers,
     partition,
 )
+from safetensors.torch import load_file
 
-from feddiffuse.hub.paths import HubPaths  # noqa: E402
-from feddiffuse.hub.store import open_store  # noqa: E402
-from feddiffuse.shared.comm import replay_ledger  # noqa: E402
-from feddiffuse.shared.model import build_unet  # noqa: E402
-from feddiffuse.shared.wire import sha256_hex  # noqa: E402
+from feddiffuse.hub.paths import HubPaths
+from feddiffuse.hub.store import open_store
+from feddiffuse.shared.comm import replay_ledger
+from feddiffuse.shared.model import build_unet
+from feddiffuse.shared.wire import sha256_hex
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_fmnist]
 
 PER_CLIENT = 32
-
-
-def _load_proxy():
-    """The edge client tests' cutting TCP proxy, loaded by path (importlib mode)."""
-    path = Path(__file__).parents[1] / "edge_client" / "edge_proxy.py"
-    spec = importlib.util.spec_from_file_location("e2e_edge_proxy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.CuttingProxy
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +209,7 @@ def test_an_upload_cut_half_way_is_retried_and_stored_once(tmp_path, data, feder
     fed = federations(tmp_path / "fed", data, method="full", clients=("client-00",), rounds=1)
     fed.start_hub()
     model_bytes = 4 * sum(p.numel() for p in build_unet("tiny").parameters())
-    proxy = _load_proxy()(fed.port, limit=model_bytes // 2)
+    proxy = CuttingProxy(fed.port, limit=model_bytes // 2)
     try:
         proxy.cut_upload = 1
         fed.start_client("client-00", "--once", url=proxy.url)

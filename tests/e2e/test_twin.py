@@ -9,24 +9,20 @@ a researcher take the simulator's numbers as the product's.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from federation_fixtures import Federation, partition
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))  # federation_fixtures, beside this file
-
-from federation_fixtures import Federation, partition  # noqa: E402
-
-from feddiffuse.hub.paths import HubPaths  # noqa: E402
-from feddiffuse.shared.methods import personal_segments  # noqa: E402
-from feddiffuse.shared.model import build_unet, segment_map  # noqa: E402
-from feddiffuse.shared.protocol import API_PREFIX, Manifest  # noqa: E402
-from feddiffuse.shared.recipes import recipe_from_training  # noqa: E402
-from feddiffuse.shared.simulate import SimulationConfig, run_simulation  # noqa: E402
+from feddiffuse.hub.paths import HubPaths
+from feddiffuse.shared.methods import personal_segments
+from feddiffuse.shared.model import build_unet, segment_map
+from feddiffuse.shared.protocol import API_PREFIX, Manifest
+from feddiffuse.shared.recipes import recipe_from_training
+from feddiffuse.shared.simulate import SimulationConfig, run_simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_fmnist]
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from edge_fakehub import FakeHub  # the helper modules beside this file (pytest pythonpath)
+from edge_images import make_images
 
-sys.path.insert(0, str(Path(__file__).parent))  # the helper modules beside this file
-
-from edge_fakehub import FakeHub  # noqa: E402
-from edge_images import make_images  # noqa: E402
-
-from feddiffuse.edge_client.backoff import Backoff  # noqa: E402
+from feddiffuse.edge_client.backoff import Backoff
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,15 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from support.net import free_port, wait_healthy
 
 from feddiffuse.shared.protocol import API_PREFIX, HubStatus
 from feddiffuse.shared.wire import read_header
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quiet_env(home: Path | None = None, **extra: str) -> dict[str, str]:
@@ -114,18 +108,8 @@ class RealHub:
         return self
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the hub exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}{API_PREFIX}/health", timeout=1,
-                             verify=self._verify).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the hub did not start: {self.log.read_text()[-2000:]}")
+        wait_healthy(f"{self.url}{API_PREFIX}/health", proc=self.proc, log=self.log,
+                     timeout=timeout, verify=self._verify)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

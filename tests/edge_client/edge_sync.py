@@ -4,9 +4,9 @@
   `on_screen(app, Dashboard)`: shown *and* mounted, so its widgets can be queried); fail the
   test with a sentence when it never holds (the timeout is only there so a broken build fails
   instead of hanging, never as a time budget after which the test goes on anyway).
-- `TrainingGate`: wraps the round's `train_local` (edge_client.round_work) so training holds at a chosen step or
-  epoch until the test releases it. A test can then press Cancel, leave the dashboard or
-  rejoin while the loop is surely still training, on any machine, fast or slow.
+- `TrainingGate`: wraps the round's `train_local` (in edge_client.round_work) so training
+  holds at a chosen step or epoch until the test releases it. A test can then press Cancel,
+  leave the dashboard or rejoin while the loop is surely still training, on any machine.
 - `wait_until_stopped(proc)`: wait until a client subprocess run with
   `FEDDIFFUSE_TEST_PAUSE_AFTER_EPOCH=N` has stopped itself (SIGSTOP) after epoch N.
 - `LineReader`: a subprocess's output read in a thread, with a wait for a line.

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.net import free_port, wait_healthy
 
 from feddiffuse.hub import FederationSettings, Hub, create_app, init_hub
 from feddiffuse.hub.limits import ServeLimits
@@ -199,9 +199,7 @@ class Kit:
             time.sleep(0.02)
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return free_port()
 
 
 @pytest.fixture
@@ -262,18 +260,8 @@ class HubProcess:
                                          stdout=out, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout: float = 90.0) -> HubProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the hub exited with {self.proc.returncode}:\n"
-                                   f"{self.log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{self.url}{A}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"the hub did not start:\n{self.log.read_text(errors='replace')}")
+        wait_healthy(f"{self.url}{A}/health", proc=self.proc, log=self.log, timeout=timeout)
+        return self
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
