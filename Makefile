@@ -28,6 +28,8 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(BIN)/lint-imports --config pyproject.toml
+	$(BIN)/ruff check shared hub edge_client tests benchmarks packaging
+	$(BIN)/mypy -p feddiffuse.hub -p feddiffuse.edge_client
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

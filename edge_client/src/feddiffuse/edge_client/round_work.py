@@ -230,7 +230,8 @@ class RoundWork:
         self.emit(ev.PhaseEvent("training", f"round {r}: training {epochs} local epoch(s) on "
                                 f"{images.shape[0]} images ({self.device})"))
         progress = self.progress("train")
-        current = {"epoch": start_epoch, "loss_sum": 0.0, "loss_n": 0, "last": 0.0}
+        current: dict[str, float] = {"epoch": start_epoch, "loss_sum": 0.0, "loss_n": 0,
+                                     "last": 0.0}
         progress(start_epoch * steps_per_epoch, total_steps)
 
         def on_step(step: int, per_epoch: int, loss: float) -> None:
@@ -240,7 +241,7 @@ class RoundWork:
             now = time.monotonic()
             if now - current["last"] >= PROGRESS_INTERVAL_S or step == per_epoch:
                 current["last"] = now
-                self.emit(ev.LossEvent(current["epoch"] + 1, step,
+                self.emit(ev.LossEvent(int(current["epoch"]) + 1, step,
                                        current["loss_sum"] / current["loss_n"]))
                 current["loss_sum"], current["loss_n"] = 0.0, 0
                 progress(done, epochs * per_epoch)
@@ -268,7 +269,7 @@ class RoundWork:
                              on_epoch=on_epoch, should_stop=self.stop.is_set,
                              optimizer_state=optimizer_state or None)
         if result.stopped:
-            done = current["epoch"]
+            done = int(current["epoch"])
             raise Cancelled(f"training stopped; {done} of {epochs} epoch(s) of round {r} are "
                             "saved and the next start resumes from there")
 

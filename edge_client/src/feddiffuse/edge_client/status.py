@@ -53,7 +53,8 @@ def status_report(store: HubStore, ask_hub: bool = True, http=None) -> dict:
         entry: dict = {"round": round_dir.name, "epochs_saved": 0, "upload_pending": False}
         if latest is not None:
             _, meta = load_weights(latest[1])
-            entry["epochs_saved"] = int(read_metadata_value(meta, "epoch"))
+            epoch = read_metadata_value(meta, "epoch")
+            entry["epochs_saved"] = int(epoch) if epoch is not None else 0
         entry["upload_pending"] = (round_dir / "upload.safetensors").is_file()
         progress.append(entry)
     report["in_progress"] = progress

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from feddiffuse.shared.methods import shared_segments
 from feddiffuse.shared.protocol import (
@@ -44,9 +45,9 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
     fed = store.federation()
     s = fed.settings
     r = fed.current_round
-    common = dict(federation=s.name, client_id=client, round=r, rounds=s.rounds,
-                  method=s.method, preset=s.preset, global_version=fed.current_version,
-                  sample_version=fed.sample_version)
+    common: dict[str, Any] = dict(
+        federation=s.name, client_id=client, round=r, rounds=s.rounds, method=s.method,
+        preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version)
     training = TrainingSettings(local_epochs=s.local_epochs,
                                 **recipe_training_fields(s.training_recipe))
     if fed.finished:
@@ -137,13 +138,14 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
     current_row = None if fed.finished else store.round(fed.current_round)
     current = round_summary(store, current_row, out) if current_row is not None else None
     deadline = current_row.deadline if current_row is not None else None
-    waiting = bool(current is not None and current_row.status == OPEN and deadline is not None
+    waiting = bool(current is not None and current_row is not None
+                   and current_row.status == OPEN and deadline is not None
                    and now >= deadline and len(current.reported) < s.min_clients)
     r = fed.current_round
     if fed.finished:
         note = (f"The federation finished after {s.rounds} round(s); the final global model is "
                 f"version {fed.current_version[:12]}... (feddiffuse-hub export).")
-    elif current is None:
+    elif current is None or current_row is None:
         enrolled = len(store.enrolled_clients())
         note = (f"Round {r} waits for clients: {enrolled} enrolled, it opens with at least "
                 f"{s.min_clients} (feddiffuse-hub token create).")

@@ -251,7 +251,11 @@ class SqliteStore(HubStore):
                         "FROM federation")
         if row is None:
             raise LookupError("the hub database holds no federation")
-        settings = FederationSettings(*row[:11], recipe=json.loads(row[15]))
+        (name, preset, method, rounds, local_epochs, min_clients, round_timeout_s, seed,
+         batch_size, lr, loss) = row[:11]
+        settings = FederationSettings(name, preset, method, rounds, local_epochs, min_clients,
+                                      round_timeout_s, seed, batch_size, lr, loss,
+                                      recipe=json.loads(row[15]))
         return FederationRow(settings, row[11], row[12], row[13], row[14], row[16])
 
     # -- tokens -----------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class FolderPicker(ModalScreen[Path | None]):
         self._scan(self.start)
 
     @property
-    def tree(self) -> FolderTree:
+    def folder_tree(self) -> FolderTree:
         return self.query_one(FolderTree)
 
     def _say(self, sentence: str, bad: bool = False) -> None:
@@ -155,7 +155,7 @@ class FolderPicker(ModalScreen[Path | None]):
     @on(DirectoryTree.DirectorySelected)
     def _selected(self, event: DirectoryTree.DirectorySelected) -> None:
         if Path(event.path).name == PARENT:
-            self.tree.action_go_up()
+            self.folder_tree.action_go_up()
         else:
             self.highlighted = Path(event.path)
 
@@ -174,8 +174,8 @@ class FolderPicker(ModalScreen[Path | None]):
             what = "does not exist" if not path.exists() else "is a file, not a folder"
             self._say(f"{path} {what}; type the path of a folder.", bad=True)
             return
-        self.tree.show_folder(path.resolve())
-        self.tree.focus()
+        self.folder_tree.show_folder(path.resolve())
+        self.folder_tree.focus()
 
     @work(thread=True, exclusive=True, group="scan")
     def _scan(self, path: Path) -> None:

@@ -46,6 +46,7 @@ class HalfBlockImage:
         cols, rows = self.cols, self.rows
         resample = Image.Resampling.NEAREST if cols >= self.image.width else Image.Resampling.BOX
         pixels = self.image.resize((cols, rows), resample).load()
+        assert pixels is not None  # a resized image always has its pixels loaded
         for y in range(0, rows, 2):
             for x in range(cols):
                 top = pixels[x, y]

@@ -65,7 +65,7 @@ class TaskProgress(Horizontal):
         bar = self.bar
         if bar.total is None:
             bar.update(total=1)
-        bar.update(progress=bar.total)
+        bar.update(progress=bar.total or 1)
         self._show_eta(False)
         self._detail(detail)
 
