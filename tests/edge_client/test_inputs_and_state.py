@@ -18,7 +18,7 @@ from feddiffuse.edge_client.inputs import (
     scan_image_folder,
 )
 from feddiffuse.edge_client.settings import Settings, client_home, settings_path
-from feddiffuse.edge_client.state import HubStore, hub_slug
+from feddiffuse.edge_client.state import HubFolder, hub_slug
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -76,7 +76,7 @@ def test_settings_live_under_feddiffuse_home_and_round_trip(tmp_path, monkeypatc
 
 
 def test_token_file_is_private_and_store_writes_nothing_until_asked(tmp_path):
-    store = HubStore("http://127.0.0.1:8000", home=tmp_path)
+    store = HubFolder("http://127.0.0.1:8000", home=tmp_path)
     assert not store.root.exists()
     store.write_token("secret")
     mode = stat.S_IMODE(os.stat(store.token_path).st_mode)
@@ -89,7 +89,7 @@ def test_token_file_is_private_and_store_writes_nothing_until_asked(tmp_path):
 
 
 def test_global_weights_merge_by_segment_and_checkpoints(tmp_path):
-    store = HubStore("http://h:1", home=tmp_path)
+    store = HubFolder("http://h:1", home=tmp_path)
     a = {"downs.0.w": torch.ones(2), "ups.0.w": torch.zeros(2)}
     store.merge_global(a, ("encoder", "decoder"), "v1", "tiny", 1)
     store.merge_global({"ups.0.w": torch.full((2,), 3.0)}, ("decoder",), "v2", "tiny", 2)
@@ -107,13 +107,13 @@ def test_global_weights_merge_by_segment_and_checkpoints(tmp_path):
 
 
 def test_one_process_per_hub(tmp_path):
-    store = HubStore("http://h:1", home=tmp_path)
+    store = HubFolder("http://h:1", home=tmp_path)
     with store.lock():
         import subprocess
         import sys
         code = ("import sys; from pathlib import Path; "
-                "from feddiffuse.edge_client.state import HubStore\n"
-                f"s = HubStore('http://h:1', home=Path({str(tmp_path)!r}))\n"
+                "from feddiffuse.edge_client.state import HubFolder\n"
+                f"s = HubFolder('http://h:1', home=Path({str(tmp_path)!r}))\n"
                 "try:\n    s.lock().__enter__()\n"
                 "except Exception as e:\n    print(type(e).__name__)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -204,7 +204,7 @@ def test_participant_says_each_conversion_once_in_plain_words(tmp_path):
 
     folder = _real_world_folder(tmp_path / "archive")
     said = []
-    participant = Participant(None, HubStore("http://hub.test", home=tmp_path / "home"),
+    participant = Participant(None, HubFolder("http://hub.test", home=tmp_path / "home"),
                               ParticipantOptions(data_dir=folder), said.append,
                               threading.Event())
     images = participant._training_images("tiny")

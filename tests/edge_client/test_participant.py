@@ -13,7 +13,7 @@ from feddiffuse.edge_client import events as ev
 from feddiffuse.edge_client.errors import Cancelled, TokenRejected
 from feddiffuse.edge_client.hub_client import HubClient
 from feddiffuse.edge_client.participant import Participant, ParticipantOptions
-from feddiffuse.edge_client.state import HubStore
+from feddiffuse.edge_client.state import HubFolder
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import SEGMENTS
 
@@ -24,7 +24,7 @@ class Client:
     def __init__(self, hub: FakeHub, client_id: str, tmp_path, backoff, n_images=16):
         self.hub = hub
         self.client_id = client_id
-        self.store = HubStore("http://hub.test", home=tmp_path / client_id / "home")
+        self.store = HubFolder("http://hub.test", home=tmp_path / client_id / "home")
         self.images = make_images(tmp_path / client_id / "images", n=n_images,
                                   seed=len(client_id))
         self.backoff = backoff

@@ -31,7 +31,7 @@ from feddiffuse.edge_client.participant import (
     Participant,
     ParticipantOptions,
 )
-from feddiffuse.edge_client.state import HubStore
+from feddiffuse.edge_client.state import HubFolder
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import build_unet, segment_map
 
@@ -50,7 +50,7 @@ class InProcessClient:
         self.name = name
         self.url = url or hub.url
         self.token = hub.tokens[name]
-        self.store = HubStore(self.url, home=tmp_path / name / "home")
+        self.store = HubFolder(self.url, home=tmp_path / name / "home")
         self.images = make_images(tmp_path / name / "images", n=16, seed=len(name))
         self.events: list = []
         self.error: BaseException | None = None

@@ -21,7 +21,7 @@ from feddiffuse.edge_client import events as ev  # noqa: E402
 from feddiffuse.edge_client.inputs import FolderScan  # noqa: E402
 from feddiffuse.edge_client.sampling import SampleResult  # noqa: E402
 from feddiffuse.edge_client.session import Joined  # noqa: E402
-from feddiffuse.edge_client.state import HubStore  # noqa: E402
+from feddiffuse.edge_client.state import HubFolder  # noqa: E402
 from feddiffuse.edge_client.tui.app import ClientApp  # noqa: E402
 from feddiffuse.edge_client.tui.screens import dashboard  # noqa: E402
 from feddiffuse.edge_client.tui.screens.confirm_quit import ConfirmQuit  # noqa: E402
@@ -47,7 +47,7 @@ def joined() -> Joined:
     scan = FolderScan(Path("/data/images"), files=64, usable=64, probed=64,
                       total_bytes=52_900, sizes=Counter({(28, 28): 64}))
     return Joined(URL, "token", Path("/data/images"), "cpu", "cpu (CPU, as asked)", scan,
-                  HubStore(URL), None)
+                  HubFolder(URL), None)
 
 
 def manifest() -> Manifest:

@@ -192,11 +192,11 @@ async def test_dashboard_shows_events_posted_by_the_worker(tmp_path):
     """The message handlers alone: events become progress, a sparkline and log lines."""
     from feddiffuse.edge_client.inputs import scan_image_folder
     from feddiffuse.edge_client.session import Joined
-    from feddiffuse.edge_client.state import HubStore
+    from feddiffuse.edge_client.state import HubFolder
 
     images = make_images(tmp_path / "images", n=4)
     joined = Joined("http://hub.test", "t", images, "cpu", "cpu (as asked)",
-                    scan_image_folder(images), HubStore("http://hub.test"), None)
+                    scan_image_folder(images), HubFolder("http://hub.test"), None)
     app = ClientApp(devices=DEVICES, autostart=False)
     async with app.run_test(size=SIZE) as pilot:
         app.open_dashboard(joined)

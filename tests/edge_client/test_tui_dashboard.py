@@ -17,7 +17,7 @@ from feddiffuse.edge_client import events as ev
 from feddiffuse.edge_client.inputs import scan_image_folder
 from feddiffuse.edge_client.session import Joined
 from feddiffuse.edge_client.settings import Settings
-from feddiffuse.edge_client.state import HubStore
+from feddiffuse.edge_client.state import HubFolder
 from feddiffuse.edge_client.tui.app import ClientApp
 from feddiffuse.edge_client.tui.screens.dashboard import Dashboard
 from feddiffuse.edge_client.tui.screens.samples import SamplesScreen
@@ -35,7 +35,7 @@ URL = "http://hub.test"
 def joined_at(tmp_path: Path) -> Joined:
     images = make_images(tmp_path / "images", n=4)
     return Joined(URL, "t", images, "cpu", "cpu (as asked)", scan_image_folder(images),
-                  HubStore(URL), None)
+                  HubFolder(URL), None)
 
 
 def manifest(round_: int, version: str, phase: str = "open") -> Manifest:
@@ -176,7 +176,7 @@ async def test_the_buttons_stay_on_screen(tmp_path, size):
 # -- the samples screen ------------------------------------------------------------------------
 
 
-def write_grid(store: HubStore, name: str, rounds_done: int | None) -> Path:
+def write_grid(store: HubFolder, name: str, rounds_done: int | None) -> Path:
     store.samples_dir.mkdir(parents=True, exist_ok=True)
     path = save_grid(torch.zeros(4, 1, 28, 28), store.samples_dir / f"{name}.png")
     if rounds_done is not None:

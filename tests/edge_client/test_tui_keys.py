@@ -17,7 +17,7 @@ from feddiffuse.edge_client.inputs import scan_image_folder
 from feddiffuse.edge_client.sampling import SampleResult
 from feddiffuse.edge_client.session import Joined
 from feddiffuse.edge_client.settings import Settings
-from feddiffuse.edge_client.state import HubStore
+from feddiffuse.edge_client.state import HubFolder
 from feddiffuse.edge_client.tui.app import ClientApp
 from feddiffuse.edge_client.tui.screens import samples as samples_screen
 from feddiffuse.edge_client.tui.screens.confirm_quit import ConfirmQuit
@@ -37,7 +37,7 @@ URL = "http://hub.test"
 def joined_at(tmp_path: Path) -> Joined:
     images = make_images(tmp_path / "images", n=4)
     return Joined(URL, "t", images, "cpu", "cpu (as asked)", scan_image_folder(images),
-                  HubStore(URL), None)
+                  HubFolder(URL), None)
 
 
 class Exits:

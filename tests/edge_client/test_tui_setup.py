@@ -11,7 +11,7 @@ from edge_sync import on_screen, wait_until
 from textual.widgets import Input, Select, Static
 
 from feddiffuse.edge_client.settings import Settings, client_home
-from feddiffuse.edge_client.state import HubStore
+from feddiffuse.edge_client.state import HubFolder
 from feddiffuse.edge_client.tui.app import ClientApp
 from feddiffuse.edge_client.tui.screens.dashboard import Dashboard
 from feddiffuse.edge_client.tui.screens.folder_picker import FolderPicker, FolderTree
@@ -30,7 +30,7 @@ async def setup_shown(pilot) -> SetupScreen:
 
 def joined_before(url: str, token: str, ca_cert: str | None = None,
                   when: str = "2026-01-01T00:00:00+00:00") -> None:
-    store = HubStore(url)
+    store = HubFolder(url)
     store.write_token(token)
     info = store.update_info(url=url, ca_cert=ca_cert).model_copy(update={"updated_at": when})
     store.info_path.write_text(info.model_dump_json())  # a chosen time: no clock in the test

@@ -18,7 +18,7 @@ import typer
 
 from feddiffuse.shared.errors import UserError
 
-from .errors import Cancelled, HubError
+from .errors import Cancelled, HubCallError
 
 EXIT_USER_ERROR = 2
 EXIT_HUB_ERROR = 1
@@ -54,7 +54,7 @@ def _friendly_errors() -> Iterator[None]:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
-    except HubError as exc:
+    except HubCallError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_HUB_ERROR) from None
     except Cancelled as exc:
@@ -223,13 +223,13 @@ def status(
 def _store_for(hub: str | None):
     from .inputs import normalize_hub_url
     from .settings import Settings
-    from .state import HubStore
+    from .state import HubFolder
 
     url_text = hub or Settings.load().hub_url
     if not url_text:
         raise UserError("No hub yet; join one first with feddiffuse-client join --hub URL "
                         "--token T --data DIR.")
-    store = HubStore(normalize_hub_url(url_text))
+    store = HubFolder(normalize_hub_url(url_text))
     if not store.exists():
         raise UserError(f"This client has not joined {store.url}; run feddiffuse-client join "
                         "first.")

@@ -6,7 +6,8 @@
         HubUnreachable              first contact with a hub failed (only before joining it)
         TokenRejected               401/403: the token is wrong or has been revoked
         HubLocked                   another client process is running for this hub
-      HubError                      talking to the hub went wrong
+      HubCallError                  a call to the hub went wrong (the hub's own HubError is a
+                                    refused request, on the hub's side)
         HubUnavailable              refused, DNS, timeout, 5xx, a transfer cut off: retried
         CertificateUntrusted        TLS: the hub's certificate is not trusted (never retried)
         DownloadCorrupt             a download does not match its sha256: retried from scratch
@@ -28,7 +29,7 @@ __all__ = [
     "CertificateUntrusted",
     "DownloadCorrupt",
     "FederationFinished",
-    "HubError",
+    "HubCallError",
     "HubLocked",
     "HubRejected",
     "HubUnavailable",
@@ -48,11 +49,11 @@ class HubLocked(UserError):
     """Another client process holds this hub's state folder."""
 
 
-class HubError(FedDiffuseError):
+class HubCallError(FedDiffuseError):
     """Talking to the hub went wrong."""
 
 
-class HubUnavailable(HubError):
+class HubUnavailable(HubCallError):
     """The hub could not be reached or failed on its side; worth retrying."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -60,7 +61,7 @@ class HubUnavailable(HubError):
         self.retry_after = retry_after
 
 
-class CertificateUntrusted(HubError, UserError):
+class CertificateUntrusted(HubCallError, UserError):
     """The hub's TLS certificate is not signed by a CA this client trusts (--ca-cert)."""
 
 
@@ -68,11 +69,11 @@ class HubUnreachable(UserError):
     """First contact with a hub failed; nothing was saved."""
 
 
-class DownloadCorrupt(HubError):
+class DownloadCorrupt(HubCallError):
     """The downloaded bytes do not match their checksum or do not decode."""
 
 
-class HubRejected(HubError):
+class HubRejected(HubCallError):
     """The hub answered a request with an error it means (a 4xx and an ErrorBody)."""
 
     def __init__(self, message: str, status: int, code: str | None = None) -> None:

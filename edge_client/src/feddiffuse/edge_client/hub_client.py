@@ -35,7 +35,7 @@ from .errors import (
     CertificateUntrusted,
     DownloadCorrupt,
     FederationFinished,
-    HubError,
+    HubCallError,
     HubRejected,
     HubUnavailable,
     RoundMovedOn,
@@ -69,7 +69,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _translate(exc: httpx.HTTPError, url: str) -> HubError:
+def _translate(exc: httpx.HTTPError, url: str) -> HubCallError:
     """The one place where httpx's transport errors become the client's errors."""
     if _certificate_failure(exc):
         return CertificateUntrusted(
@@ -115,7 +115,7 @@ def tls_verify(ca_cert: str | Path | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=str(ca_cert))
 
 
-def _error_from_response(response: httpx.Response, url: str) -> HubError:
+def _error_from_response(response: httpx.Response, url: str) -> HubCallError:
     """The exception an error response means, using its ErrorBody when it has one."""
     status = response.status_code
     body: ErrorBody | None = None

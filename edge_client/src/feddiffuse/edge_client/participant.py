@@ -57,7 +57,7 @@ from .round_work import (
     RoundWork,
     saved_work_matches,
 )
-from .state import HubStore
+from .state import HubFolder
 
 LONG_POLL_S = 5.0  # the longest a waiting client's manifest request is held by the hub
 
@@ -108,7 +108,7 @@ def load_training_images(data_dir: Path, preset_name: str) -> torch.Tensor:
 class Participant:
     """Takes part in a federation until it finishes (or for one round with `once`)."""
 
-    def __init__(self, hub: HubClient, store: HubStore, options: ParticipantOptions,
+    def __init__(self, hub: HubClient, store: HubFolder, options: ParticipantOptions,
                  emit: ev.Emit = ev.ignore, stop: threading.Event | None = None) -> None:
         self.hub = hub
         self.store = store

@@ -3,7 +3,7 @@ every epoch, resume from the newest checkpoint, and write the update to upload.
 
 The protocol loop (`participant`) decides which round to play and talks to the hub; this
 module never does. What it keeps for a round lives in the round's folder
-(`HubStore.round_dir`): `round.json` (a `RoundRecord`: the assignment it was trained for and
+(`HubFolder.round_dir`): `round.json` (a `RoundRecord`: the assignment it was trained for and
 each finished epoch), `epoch-NNN.safetensors` (the weights and Adam's state after that epoch)
 and, at the end, `upload.safetensors` (the delta of the upload segments).
 """
@@ -32,7 +32,7 @@ from feddiffuse.shared.wire import atomic_write_bytes, encode_tensors, load_weig
 
 from . import events as ev
 from .errors import Cancelled, DownloadCorrupt
-from .state import HubStore
+from .state import HubFolder
 
 # Test hook (documented in the README of the tests): exit the process at once, as a crash
 # would, right after the checkpoint of this epoch is written.
@@ -108,7 +108,7 @@ def saved_work_matches(round_dir: Path, manifest: Manifest) -> bool:
 class RoundWork:
     """Trains one round and writes its upload; resumable at every epoch boundary."""
 
-    store: HubStore
+    store: HubFolder
     manifest: Manifest
     recipe: Recipe
     round_dir: Path

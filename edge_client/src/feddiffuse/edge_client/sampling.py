@@ -15,7 +15,7 @@ from feddiffuse.shared.model import build_unet, segment_map
 
 from .errors import Cancelled, SetupError
 from .participant import describe_device
-from .state import HubStore
+from .state import HubFolder
 
 
 @dataclass
@@ -53,7 +53,7 @@ def maturity_note(done: int | None, rounds: int | None) -> str | None:
             "finished).")
 
 
-def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
+def current_model(store: HubFolder) -> tuple[torch.nn.Module, str]:
     """The UNet with the client's current weights, and a line that says what they are."""
     info = store.load_info()
     held = store.load_global()
@@ -86,7 +86,7 @@ def current_model(store: HubStore) -> tuple[torch.nn.Module, str]:
     return model, what
 
 
-def sample_grid(store: HubStore, n: int, steps: int, out: Path, *, device: str = "auto",
+def sample_grid(store: HubFolder, n: int, steps: int, out: Path, *, device: str = "auto",
                 seed: int = 0, on_step=None, stop: threading.Event | None = None,
                 sampler: str = "ddim", clip_x0: bool | None = None) -> SampleResult:
     """Sample `n` images in `steps` steps and write them as a PNG grid to `out`.

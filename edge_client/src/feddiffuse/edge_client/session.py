@@ -27,7 +27,7 @@ from .inputs import (
 )
 from .participant import describe_device
 from .settings import Settings
-from .state import HubStore
+from .state import HubFolder
 
 HttpFactory = Callable[[], httpx.Client]
 
@@ -49,7 +49,7 @@ class Joined:
     device: str
     device_reason: str
     scan: FolderScan
-    store: HubStore
+    store: HubFolder
     federation: FederationInfo | None  # None when a known hub was not asked again
     ca_cert: Path | None = None
 
@@ -101,14 +101,14 @@ def resolve(request: JoinRequest, settings: Settings) -> JoinRequest:
     if not url_text:
         raise SetupError("No hub given; pass --hub URL (with --token) the first time.")
     url = normalize_hub_url(url_text)
-    token = request.token or HubStore(url).read_token()
+    token = request.token or HubFolder(url).read_token()
     if not token:
         raise SetupError(f"No token for {url}; pass --token with the token the hub operator "
                          "gave you.")
     data = request.data_dir or settings.data_dir
     if not data:
         raise SetupError("No image folder given; pass --data with the folder of your images.")
-    ca_cert = request.ca_cert or HubStore(url).load_info().ca_cert
+    ca_cert = request.ca_cert or HubFolder(url).load_info().ca_cert
     return JoinRequest(url, token, data, request.device or settings.device or "auto", ca_cert)
 
 
@@ -122,7 +122,7 @@ def join(request: JoinRequest, *, http_factory: HttpFactory | None = None, wait:
     ca_cert = check_ca_cert(request.ca_cert)
     scan = check_image_folder(request.data_dir)
     device, reason = describe_device(request.device or "auto")
-    store = HubStore(url)
+    store = HubFolder(url)
     known = (store.exists() and store.read_token() == token
              and store.load_info().ca_cert == (str(ca_cert) if ca_cert else None))
     federation = None

@@ -105,8 +105,9 @@ def known_hubs(home: Path | None = None) -> list[HubInfo]:
     return found
 
 
-class HubStore:
-    """The state folder of one hub. Creating the object writes nothing."""
+class HubFolder:
+    """The client's state folder for one hub (the hub's own database interface is
+    feddiffuse.hub.store.HubStore). Creating the object writes nothing."""
 
     def __init__(self, url: str, home: Path | None = None) -> None:
         self.url = url

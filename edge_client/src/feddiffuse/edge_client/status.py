@@ -9,14 +9,14 @@ from __future__ import annotations
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.wire import load_weights, read_metadata_value
 
-from .errors import HubError
+from .errors import HubCallError
 from .hub_client import HubClient
 from .sampling import rounds_completed
 from .settings import Settings
-from .state import HubStore
+from .state import HubFolder
 
 
-def status_report(store: HubStore, ask_hub: bool = True, http=None) -> dict:
+def status_report(store: HubFolder, ask_hub: bool = True, http=None) -> dict:
     info = store.load_info()
     report: dict = {"hub": store.url, "hub_round": None, "hub_error": None}
     if ask_hub:
@@ -29,7 +29,7 @@ def status_report(store: HubStore, ask_hub: bool = True, http=None) -> dict:
                 "upload_segments": list(m.upload_segments), "global_version": m.global_version,
                 "sample_version": m.sample_version,
                 "deadline": m.deadline.isoformat(timespec="seconds") if m.deadline else None}
-        except HubError as exc:
+        except HubCallError as exc:
             report["hub_error"] = str(exc)
     report["federation"] = ({"name": info.federation, "method": info.method,
                              "preset": info.preset, "rounds": info.rounds}
@@ -79,7 +79,7 @@ def newer_on_hub(report: dict) -> str | None:
     return hub["global_version"]
 
 
-def newer_model_note(store: HubStore, http=None) -> str | None:
+def newer_model_note(store: HubFolder, http=None) -> str | None:
     """A sentence when the hub has a newer global model than this client holds; None when it
     has not, or when the hub cannot be asked (sampling works offline)."""
     report = status_report(store, ask_hub=True, http=http)
@@ -93,7 +93,7 @@ def newer_model_note(store: HubStore, http=None) -> str | None:
             "`feddiffuse-client join` fetches it.")
 
 
-def status_lines(store: HubStore, ask_hub: bool = True, http=None) -> list[tuple[str, str]]:
+def status_lines(store: HubFolder, ask_hub: bool = True, http=None) -> list[tuple[str, str]]:
     r = status_report(store, ask_hub, http)
     lines: list[tuple[str, str]] = [("hub", r["hub"])]
     if r["hub_round"]:

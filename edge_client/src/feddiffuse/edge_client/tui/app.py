@@ -11,7 +11,7 @@ from ..errors import SetupError
 from ..inputs import normalize_hub_url
 from ..session import HttpFactory, Joined, JoinRequest
 from ..settings import Settings
-from ..state import HubStore
+from ..state import HubFolder
 from .screens.confirm_quit import ConfirmQuit
 from .screens.dashboard import Dashboard
 from .screens.help import HelpScreen, key_lines
@@ -28,7 +28,7 @@ def rejoin_request(settings: Settings) -> JoinRequest | None:
         url = normalize_hub_url(settings.hub_url)
     except SetupError:
         return None
-    store = HubStore(url)
+    store = HubFolder(url)
     token = store.read_token()
     if not store.exists() or not token:
         return None

@@ -22,7 +22,7 @@ from feddiffuse.shared.errors import FedDiffuseError, UserError
 
 from ... import events as ev
 from ...backoff import Backoff
-from ...errors import Cancelled, HubError
+from ...errors import Cancelled, HubCallError
 from ...participant import Participant, ParticipantOptions, RunOutcome
 from ...session import Joined, make_hub_client
 from ...state import HubInfo
@@ -241,7 +241,7 @@ class Dashboard(Screen):
             self.post_message(self.Stopped("cancelled", f"Stopped: {exc}."))
         except UserError as exc:
             self.post_message(self.Stopped("failed", str(exc)))
-        except (HubError, FedDiffuseError) as exc:
+        except (HubCallError, FedDiffuseError) as exc:
             self.post_message(self.Stopped("failed", f"Stopped: {exc}."))
         except Exception as exc:  # the UI must survive anything the loop raises
             self.post_message(self.Stopped("failed", f"Unexpected error: {exc!r}."))

@@ -25,7 +25,7 @@ from feddiffuse.shared.errors import FedDiffuseError, UserError
 from ...errors import CertificateUntrusted, HubUnreachable, SetupError, TokenRejected
 from ...inputs import check_ca_cert, check_token, normalize_hub_url, scan_image_folder
 from ...session import Joined, JoinRequest, first_contact, join
-from ...state import HubStore, known_hubs
+from ...state import HubFolder, known_hubs
 from ..widgets.fields import TextField
 from .folder_picker import FolderPicker
 
@@ -37,7 +37,7 @@ FIELDS = ("#hub-url", "#token", "#data-dir")  # focused first when empty, in thi
 def saved_for_hub(url_text: str) -> tuple[str | None, str | None]:
     """(token, CA certificate) this machine saved for the hub at `url_text`, if any."""
     try:
-        store = HubStore(normalize_hub_url(url_text))
+        store = HubFolder(normalize_hub_url(url_text))
     except SetupError:
         return None, None
     if not store.exists():
