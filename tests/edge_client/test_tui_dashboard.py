@@ -232,3 +232,18 @@ async def test_the_grid_fits_or_scrolls_and_says_which(tmp_path):
         await wait_until(pilot, lambda: "Full size, scrolling" in str(label.render()),
                          what="full size")
         assert view.scale == 1.0 and not Settings.load().grid_fit  # remembered
+
+
+async def test_after_a_restart_the_event_log_shows_the_earlier_runs(tmp_path):
+    joined = joined_at(tmp_path)
+    joined.store.ensure()
+    earlier = [f"2026-12-01 10:00:{i:02d} Round 1: epoch {i}/20 loss 0.5" for i in range(20)]
+    joined.store.log_path.write_text("\n".join(earlier) + "\n", encoding="utf-8")
+    app = ClientApp(devices=DEVICES, autostart=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        dash = await dashboard(pilot, tmp_path)
+        shown = log_lines(dash)
+        assert shown[:Dashboard.EARLIER_LINES] == [f"  {line}" for line in
+                                                   earlier[-Dashboard.EARLIER_LINES:]]
+        assert shown[Dashboard.EARLIER_LINES].startswith(tuple("0123456789"))  # then this run
+        assert "Images:" in shown[Dashboard.EARLIER_LINES]

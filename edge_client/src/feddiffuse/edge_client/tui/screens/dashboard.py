@@ -134,6 +134,7 @@ class Dashboard(Screen):
 
     def on_mount(self) -> None:
         self.sub_title = "Dashboard"
+        self._show_earlier_events()
         self.log_line(f"Images: {self.joined.scan.path} ({self.joined.scan.summary()}).")
         info = self.joined.store.load_info()
         self._show_known(info)
@@ -253,6 +254,25 @@ class Dashboard(Screen):
                 self.post_message(self.Stopped("done", f"Done: round(s) {rounds}."))
 
     # -- showing what happens -----------------------------------------------------------------
+
+    EARLIER_LINES = 12
+
+    def _show_earlier_events(self) -> None:
+        """The end of this hub's log file (earlier runs), so a restart does not open on an empty
+        event log."""
+        path = self.joined.store.log_path
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()[-self.EARLIER_LINES:]
+        except OSError:
+            return
+        if not lines:
+            return
+        events = self.query_one("#events", RichLog)
+        events.write(f"Earlier (from {path}):")
+        for line in lines:
+            events.write(f"  {line}")
+            self.logged.append(f"  {line}")
 
     def log_line(self, text: str, level: str = "info") -> None:
         prefix = {"warning": "! ", "error": "x "}.get(level, "")
