@@ -622,5 +622,5 @@ def test_a_folder_and_a_dataset_resize_the_same_image_the_same_way(tmp_path: Pat
     folder = load_image_folder(tmp_path, 28, 1).images
     for k, name in enumerate(sorted(["tall.png", "wide.png"])):
         with Image.open(tmp_path / name) as im:
-            raw = torch.from_numpy(np.asarray(im, dtype=np.uint8))[None, None]
+            raw = torch.from_numpy(np.array(im, dtype=np.uint8))[None, None]
         assert torch.equal(folder[k], conform_images(raw, channels=1, image_size=28)[0])

@@ -129,7 +129,7 @@ def resize_short_side_and_crop(array: np.ndarray, size: int) -> np.ndarray:
     antialiased), so a folder on a client and the same images in a simulation match."""
     if array.shape[1:] == (size, size):
         return array
-    tensor = torch.from_numpy(np.ascontiguousarray(array))[None]
+    tensor = torch.from_numpy(np.array(array, copy=True))[None]  # PIL arrays are read-only
     return conform_images(tensor, channels=array.shape[0], image_size=size)[0].numpy()
 
 
