@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import torch
 from support.net import free_port, wait_healthy
+from support.procs import wait_until_stopped
 
 from feddiffuse.hub.paths import HubPaths
 from feddiffuse.hub.store import open_store
@@ -195,19 +196,8 @@ class Federation:
     def wait_paused(self, client: str, timeout: float = 300.0) -> None:
         """Wait until a client started with the pause hook (PAUSE_AFTER_EPOCH_ENV) has
         stopped itself (SIGSTOP) after its epoch. Fails if it exits instead."""
-        proc = self.procs[client]
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
-            if pid == proc.pid:
-                if os.WIFSTOPPED(status):
-                    return
-                proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here
-                raise AssertionError(f"{client} exited ({proc.returncode}) before pausing:\n"
-                                     f"{self.client_log(client).read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{client} never paused:\n{self.logs()}")
-            time.sleep(0.05)
+        wait_until_stopped(self.procs[client], timeout,
+                           lambda: self.client_log(client).read_text()[-3000:])
 
     def wait_clients(self, timeout: float = 120.0) -> None:
         for name, proc in self.procs.items():

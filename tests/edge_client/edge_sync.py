@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from support.procs import wait_until_stopped as _wait_until_stopped
 
 GENEROUS_S = 300.0  # fails a hung test; no correct run comes near it
 
@@ -132,19 +133,8 @@ class TrainingGate:
 
 def wait_until_stopped(proc: subprocess.Popen, timeout: float = GENEROUS_S,
                        describe: Callable[[], str] = lambda: "") -> None:
-    """Wait until `proc` stopped itself with SIGSTOP (the pause hook). Fails if it exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status = os.waitpid(proc.pid, os.WNOHANG | os.WUNTRACED)
-        if pid == proc.pid:
-            if os.WIFSTOPPED(status):
-                return
-            code = os.waitstatus_to_exitcode(status)
-            proc.returncode = code  # reaped here: tell Popen
-            raise AssertionError(f"the client exited ({code}) before pausing:\n{describe()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the client never paused after its epoch:\n{describe()}")
-        time.sleep(0.05)
+    """`support.procs.wait_until_stopped` with this module's generous timeout."""
+    _wait_until_stopped(proc, timeout, describe)
 
 
 class LineReader:

@@ -129,17 +129,24 @@ def hub_manifest(hub: RealHub, name: str) -> dict:
     return r.json()
 
 
+def join_two_once(hub: RealHub, tmp_path) -> tuple[dict[str, Path], dict[str, str]]:
+    """alice and bob run `join --once` at the same time; their homes and their output."""
+    homes = {n: tmp_path / n / "home" for n in ("alice", "bob")}
+    procs = {n: subprocess.Popen(
+        join_cmd(hub, n, make_images(tmp_path / n / "images", seed=len(n)), "--once"),
+        env=quiet_env(homes[n]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for n in homes}
+    outputs = {n: p.communicate(timeout=240)[0] for n, p in procs.items()}
+    for n, p in procs.items():
+        assert p.returncode == 0, outputs[n]
+    return homes, outputs
+
+
 def test_sample_says_when_the_hub_has_a_newer_model(tmp_path):
     hub = RealHub(tmp_path / "hub", method="full", rounds=2).start()
     try:
-        homes = {n: tmp_path / n / "home" for n in ("alice", "bob")}
-        procs = {n: subprocess.Popen(
-            join_cmd(hub, n, make_images(tmp_path / n / "images", seed=len(n)), "--once"),
-            env=quiet_env(homes[n]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True) for n in homes}
-        for p in procs.values():
-            out = p.communicate(timeout=240)[0]
-            assert p.returncode == 0, out
+        homes, outputs = join_two_once(hub, tmp_path)
+        for out in outputs.values():
             assert "holds its final model" not in out  # round 1 of 2: --once returns
         hub.wait_for(lambda s: s.federation.current_round == 2, what="round 2 to open")
         newer = hub_manifest(hub, "alice")["global_version"]
@@ -169,14 +176,8 @@ def join_cmd(hub: RealHub, name: str, data, *extra: str) -> list[str]:
 def test_cli_join_status_and_sample_with_two_clients(tmp_path):
     hub = RealHub(tmp_path / "hub", method="usplit", rounds=1).start()
     try:
-        homes = {n: tmp_path / n / "home" for n in ("alice", "bob")}
-        procs = {n: subprocess.Popen(
-            join_cmd(hub, n, make_images(tmp_path / n / "images", seed=len(n)), "--once"),
-            env=quiet_env(homes[n]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True) for n in homes}
-        outputs = {n: p.communicate(timeout=240)[0] for n, p in procs.items()}
-        for n, p in procs.items():
-            assert p.returncode == 0, outputs[n]
+        homes, outputs = join_two_once(hub, tmp_path)
+        for n in homes:
             assert "Training on cpu: CPU, as asked." in outputs[n]
             assert "Round 1: uploaded" in outputs[n]
             # `--once` on the last round stays until the final model is published.
