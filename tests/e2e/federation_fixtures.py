@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import torch
 from support.net import free_port, wait_healthy
 from support.procs import wait_until_stopped
+from support.wait import poll_until
 
 from feddiffuse.hub.paths import HubPaths
 from feddiffuse.hub.store import open_store
@@ -134,17 +134,15 @@ class Federation:
         return HubStatus.model_validate_json(r.content)
 
     def wait_for(self, predicate, timeout: float = 180.0, what: str = "the hub") -> HubStatus:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> HubStatus | None:
             self.check_clients()
             try:
                 status = self.status()
             except httpx.HTTPError:
-                status = None
-            if status is not None and predicate(status):
-                return status
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.logs()}")
+                return None
+            return status if predicate(status) else None
+
+        return poll_until(reached, what, timeout, interval=0.2, describe=self.logs)
 
     # -- the clients -----------------------------------------------------------------------
 
@@ -181,17 +179,14 @@ class Federation:
     def wait_for_log(self, client: str, pattern: str, start: int = 0,
                      timeout: float = 300.0) -> None:
         """Wait until `client`'s log, from byte `start`, has a line matching `pattern`."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def found() -> bool:
             self.check_clients()
             log = self.client_log(client)
             text = log.read_bytes()[start:].decode(errors="replace") if log.exists() else ""
-            if re.search(pattern, text, re.MULTILINE):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {pattern!r} in {client}'s log:\n"
-                                     f"{self.logs()}")
-            time.sleep(0.1)
+            return re.search(pattern, text, re.MULTILINE) is not None
+
+        poll_until(found, f"{pattern!r} in {client}'s log", timeout, interval=0.1,
+                   describe=self.logs)
 
     def wait_paused(self, client: str, timeout: float = 300.0) -> None:
         """Wait until a client started with the pause hook (PAUSE_AFTER_EPOCH_ENV) has

@@ -14,12 +14,12 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from support.net import free_port, wait_healthy
+from support.wait import poll_until
 
 from feddiffuse.shared.protocol import API_PREFIX, HubStatus
 from feddiffuse.shared.wire import read_header
@@ -168,10 +168,9 @@ class RealHub:
         return out
 
     def wait_for(self, predicate, timeout: float = 60.0, what: str = "the hub"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reached() -> HubStatus | None:
             status = self.status()
-            if predicate(status):
-                return status
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}: {self.status()}")
+            return status if predicate(status) else None
+
+        return poll_until(reached, what, timeout, interval=0.1,
+                          describe=lambda: str(self.status()))

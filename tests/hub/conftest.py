@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.net import free_port, wait_healthy
+from support.wait import poll_until
 
 from feddiffuse.hub import FederationSettings, Hub, create_app, init_hub
 from feddiffuse.hub.limits import ServeLimits
@@ -190,13 +190,7 @@ class Kit:
     def wait_until(self, condition, what: str, timeout: float = 30.0):
         """Poll `condition` until it returns something true (returned); fail, saying `what`
         never happened, after `timeout` seconds (a bound for a stuck hub, not a speed)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"within {timeout:g} s, never: {what}"
-            time.sleep(0.02)
+        return poll_until(condition, what, timeout, interval=0.02)
 
     def free_port(self) -> int:
         return free_port()
@@ -234,12 +228,13 @@ class ThreadServer:
 
     def __enter__(self) -> ThreadServer:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        poll_until(self._started, "uvicorn started", timeout=30, interval=0.02)
         return self
+
+    def _started(self) -> bool:
+        if not self.thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        return self.server.started
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

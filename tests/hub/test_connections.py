@@ -134,19 +134,7 @@ def test_error_answers_carry_protocol_codes_the_edge_client_retries(tmp_path, ki
 
             prepared = {c: kit.participate(http, c, setup.tokens[c], upload=False)
                         for c in ("alice", "bob")}
-            slots = server.app.state.upload_slots
-            release = threading.Event()
-            with ThreadPoolExecutor(1) as pool:
-                first = pool.submit(http.put, f"{A}/rounds/1/update",
-                                    content=_held_body(prepared["alice"].body, release),
-                                    headers=setup.auth("alice"))
-                kit.wait_until(lambda: slots.in_progress == 1 or first.done(),
-                               "alice's upload is in progress")
-                with httpx.Client(base_url=server.url, timeout=60) as other:
-                    busy = other.put(f"{A}/rounds/1/update", content=prepared["bob"].body,
-                                     headers=setup.auth("bob"))
-                release.set()
-                assert first.result().status_code == 200, first.result().text
+            busy = _upload_while_another_is_held(kit, http, server, setup, prepared)
             assert code_of(busy.status_code, busy.content) == ErrorCode.UNAVAILABLE
             refused = _error_from_response(busy, server.url)
             assert isinstance(refused, HubUnavailable) and refused.retry_after == 7.0
@@ -178,6 +166,25 @@ def _held_body(body: bytes, release: threading.Event):
     yield body[1000:]
 
 
+def _upload_while_another_is_held(kit, http, server, setup, prepared) -> httpx.Response:
+    """bob's answer to an upload sent while alice's is held half-way (one slot each at most);
+    alice's upload, released after it, is accepted."""
+    slots = server.app.state.upload_slots
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(http.put, f"{A}/rounds/1/update",
+                            content=_held_body(prepared["alice"].body, release),
+                            headers=setup.auth("alice"))
+        kit.wait_until(lambda: slots.in_progress == 1 or first.done(),
+                       "alice's upload is in progress")
+        with httpx.Client(base_url=server.url, timeout=60) as other:
+            busy = other.put(f"{A}/rounds/1/update", content=prepared["bob"].body,
+                             headers=setup.auth("bob"))
+        release.set()
+        assert first.result().status_code == 200, first.result().text
+    return busy
+
+
 def test_uploads_past_the_limit_get_503_with_retry_after(tmp_path, kit):
     setup = kit.make_hub(tmp_path / "hub", clients=("alice", "bob"))
     limits = ServeLimits(max_uploads_in_progress=1, retry_after_s=7)
@@ -185,19 +192,7 @@ def test_uploads_past_the_limit_get_503_with_retry_after(tmp_path, kit):
         with httpx.Client(base_url=server.url, timeout=60) as http:
             prepared = {c: kit.participate(http, c, setup.tokens[c], upload=False)
                         for c in ("alice", "bob")}
-            slots = server.app.state.upload_slots
-            release = threading.Event()
-            with ThreadPoolExecutor(1) as pool:
-                first = pool.submit(http.put, f"{A}/rounds/1/update",
-                                    content=_held_body(prepared["alice"].body, release),
-                                    headers=setup.auth("alice"))
-                kit.wait_until(lambda: slots.in_progress == 1 or first.done(),
-                               "alice's upload is in progress")
-                with httpx.Client(base_url=server.url, timeout=60) as other:
-                    busy = other.put(f"{A}/rounds/1/update", content=prepared["bob"].body,
-                                     headers=setup.auth("bob"))
-                release.set()
-                assert first.result().status_code == 200, first.result().text
+            busy = _upload_while_another_is_held(kit, http, server, setup, prepared)
             assert busy.status_code == 503 and busy.headers["retry-after"] == "7"
             assert busy.json()["code"] == "unavailable"
             assert busy.headers["connection"] == "close"

@@ -5,10 +5,10 @@ subprocess; the crash points inside the hub are the documented test hook (hub.te
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
+from support.wait import poll_until
 
 from feddiffuse.hub.testhooks import CRASH_ENV, CRASH_EXIT_CODE
 from feddiffuse.shared.protocol import API_PREFIX as A
@@ -18,10 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _wait(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    poll_until(predicate, what, timeout)
 
 
 def _put(url: str, token: str, body) -> httpx.Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -41,10 +40,8 @@ def test_a_full_round_over_loopback(tmp_path, kit, method):
                 assert UploadReceipt.model_validate_json(r.content).bytes == len(s.body)
                 sent[c] = s
             expected = kit.reference(base, method, 1, 0, sorted(sent), sent)
-            deadline = time.monotonic() + 30
-            while kit.db_round(setup.root, 1)[1].status != "closed":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            kit.wait_until(lambda: kit.db_round(setup.root, 1)[1].status == "closed",
+                           "round 1 closed")
             fed, row, _ = kit.db_round(setup.root, 1)
             assert fed.finished and row.result_version == kit.reference_version(
                 expected, "tiny", 1)
@@ -69,10 +66,11 @@ def test_concurrent_uploads_are_all_accepted(tmp_path, kit):
             with ThreadPoolExecutor(len(clients)) as pool:
                 assert list(pool.map(send, clients)) == [200] * len(clients)
         expected = kit.reference(base, "full", 1, 0, list(clients), prepared)
-        deadline = time.monotonic() + 30
-        while (row := kit.db_round(setup.root, 1)[1]).status != "closed":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        def closed():
+            row = kit.db_round(setup.root, 1)[1]
+            return row if row.status == "closed" else None
+
+        row = kit.wait_until(closed, "round 1 closed")
         got = kit.blob_state(setup.root, row.result_version)
         assert all(torch.equal(got[n], expected[n]) for n in expected)
 
@@ -83,10 +81,8 @@ def test_the_deadline_closes_a_round_with_no_request_arriving(tmp_path, kit):
         with httpx.Client(base_url=server.url, timeout=60) as http:
             kit.participate(http, "alice", setup.tokens["alice"])
         # No request from here on: the app's background task must close the round.
-        deadline = time.monotonic() + 20
-        while kit.db_round(setup.root, 1)[1].status != "closed":
-            assert time.monotonic() < deadline, "the round did not close at its deadline"
-            time.sleep(0.1)
+        kit.wait_until(lambda: kit.db_round(setup.root, 1)[1].status == "closed",
+                       "the round closed at its deadline", timeout=20)
         fed, row, uploads = kit.db_round(setup.root, 1)
         assert [u.client for u in uploads] == ["alice"] and fed.current_round == 2
 
@@ -130,10 +126,11 @@ def test_tls(tmp_path, kit):
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:
-            deadline = time.monotonic() + 60
-            while not server.started:  # a server that cannot start fails, never hangs
-                assert thread.is_alive() and time.monotonic() < deadline, "no TLS server"
-                time.sleep(0.02)
+            def started() -> bool:  # a server that cannot start fails, never hangs
+                assert thread.is_alive(), "no TLS server"
+                return server.started
+
+            kit.wait_until(started, "the TLS server started", timeout=60)
             url = f"https://127.0.0.1:{sock.getsockname()[1]}"
             context = ssl.create_default_context(cafile=str(cert))
             with httpx.Client(base_url=url, verify=context) as http:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from .wait import poll_until
 
 
 def free_port() -> int:
@@ -27,16 +28,14 @@ def wait_healthy(url: str, *, proc: subprocess.Popen | None = None, log: Path | 
     def tail() -> str:
         return log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the server exited with {proc.returncode}:\n{tail()}")
         if alive is not None and not alive():
             raise AssertionError(f"the server stopped:\n{tail()}")
         try:
-            if httpx.get(url, timeout=2, verify=verify).status_code == 200:
-                return
+            return httpx.get(url, timeout=2, verify=verify).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the server at {url} did not answer within {timeout:g} s:\n{tail()}")
+            return False
+
+    poll_until(healthy, f"the server at {url} answers", timeout, interval=0.1, describe=tail)

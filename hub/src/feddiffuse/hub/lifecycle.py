@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from feddiffuse.shared.methods import plan_round
 from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.protocol import ErrorCode
+from feddiffuse.shared.seeds import training_seed
 
 from .blobs import BlobStore
 from .errors import HubError
 from .layout import ModelLayout
 from .replay import replay_round
-from .settings import FederationSettings, training_seed
+from .settings import FederationSettings
 from .status import to_datetime
 from .store import CLOSING, OPEN, HubStore
 from .store.base import (

@@ -1,4 +1,4 @@
-"""A federation's settings, fixed at `init`, and the seeds derived from them."""
+"""A federation's settings, fixed at `init` (the seeds derived from them: feddiffuse.shared.seeds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 from feddiffuse.shared.errors import UserError
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
-from feddiffuse.shared.seeds import training_seed  # noqa: F401 - one derivation, shared
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
