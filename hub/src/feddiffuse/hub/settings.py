@@ -1,4 +1,4 @@
-"""A federation's settings, fixed at `init` (the seeds derived from them: feddiffuse.shared.seeds)."""
+"""A federation's settings, fixed at `init` (its seeds: feddiffuse.shared.seeds)."""
 
 from __future__ import annotations
 
