@@ -13,24 +13,28 @@ from .errors import HubCallError
 from .hub_client import HubClient
 from .sampling import rounds_completed
 from .settings import Settings
-from .state import HubFolder
+from .state import HubFolder, HubInfo
+
+
+def hub_round(store: HubFolder, info: HubInfo, http=None) -> tuple[dict | None, str | None]:
+    """The hub's current round as plain data, or None and why it could not be asked."""
+    try:
+        with HubClient(store.url, store.read_token(), http=http, timeout=5.0,
+                       ca_cert=info.ca_cert) as hub:
+            m = hub.manifest()
+    except HubCallError as exc:
+        return None, str(exc)
+    return {"round": m.round, "rounds": m.rounds, "phase": str(m.phase),
+            "upload_segments": list(m.upload_segments), "global_version": m.global_version,
+            "sample_version": m.sample_version,
+            "deadline": m.deadline.isoformat(timespec="seconds") if m.deadline else None}, None
 
 
 def status_report(store: HubFolder, ask_hub: bool = True, http=None) -> dict:
     info = store.load_info()
     report: dict = {"hub": store.url, "hub_round": None, "hub_error": None}
     if ask_hub:
-        try:
-            with HubClient(store.url, store.read_token(), http=http, timeout=5.0,
-                           ca_cert=info.ca_cert) as hub:
-                m = hub.manifest()
-            report["hub_round"] = {
-                "round": m.round, "rounds": m.rounds, "phase": str(m.phase),
-                "upload_segments": list(m.upload_segments), "global_version": m.global_version,
-                "sample_version": m.sample_version,
-                "deadline": m.deadline.isoformat(timespec="seconds") if m.deadline else None}
-        except HubCallError as exc:
-            report["hub_error"] = str(exc)
+        report["hub_round"], report["hub_error"] = hub_round(store, info, http)
     report["federation"] = ({"name": info.federation, "method": info.method,
                              "preset": info.preset, "rounds": info.rounds}
                             if info.federation else None)
@@ -59,7 +63,7 @@ def status_report(store: HubFolder, ask_hub: bool = True, http=None) -> dict:
         progress.append(entry)
     report["in_progress"] = progress
     report["finished"] = info.finished
-    report["newer_on_hub"] = newer_on_hub(report)
+    report["newer_on_hub"] = newer_on_hub(report["hub_round"], held.version)
     settings = Settings.load()
     report["images"] = (settings.data_dir if settings.data_dir and settings.hub_url == store.url
                         else None)
@@ -69,24 +73,22 @@ def status_report(store: HubFolder, ask_hub: bool = True, http=None) -> dict:
     return report
 
 
-def newer_on_hub(report: dict) -> str | None:
+def newer_on_hub(hub: dict | None, held_version: str | None) -> str | None:
     """The hub's global version when it is newer than the one this client holds."""
-    hub, held = report.get("hub_round"), report.get("global_model")
-    if not hub or not hub.get("global_version"):
-        return None
-    if held and held["version"] == hub["global_version"]:
+    if not hub or not hub.get("global_version") or hub["global_version"] == held_version:
         return None
     return hub["global_version"]
 
 
 def newer_model_note(store: HubFolder, http=None) -> str | None:
     """A sentence when the hub has a newer global model than this client holds; None when it
-    has not, or when the hub cannot be asked (sampling works offline)."""
-    report = status_report(store, ask_hub=True, http=http)
-    newer = report["newer_on_hub"]
-    if newer is None:
+    has not, or when the hub cannot be asked (sampling works offline). Reads hub.json, not
+    the weights (`sample` has just loaded them)."""
+    info = store.load_info()
+    m, _error = hub_round(store, info, http)
+    newer = newer_on_hub(m, info.global_version if store.global_path.is_file() else None)
+    if m is None or newer is None:
         return None
-    m = report["hub_round"]
     when = ("its final model" if m["phase"] == "finished"
             else f"the global model of round {m['round']}")
     return (f"the hub has a newer model than the one sampled here ({when}, {newer[:12]}); "
