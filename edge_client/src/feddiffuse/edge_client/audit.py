@@ -10,6 +10,7 @@ See feddiffuse.shared.evaluation.memorisation for the method.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -111,6 +112,18 @@ def load_own_images(data_dir: Path, preset: str) -> torch.Tensor:
     return images
 
 
+def check_out_path(out: Path) -> None:
+    """SetupError, before any work, when the pairs PNG could not be written at `out`."""
+    if out.is_dir():
+        raise SetupError(f"{out} is a folder; give --out a file name such as audit.png.")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"Cannot write {out} ({existing} is not a folder you can write to); "
+                         "choose another --out.")
+
+
 def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int = 50,
               seed: int = 0, device: str = "auto", out: Path | None = None,
               progress: Progress | None = None, stop: threading.Event | None = None,
@@ -124,6 +137,8 @@ def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int
         raise SetupError("The number of samples must be at least 1.")
     if steps < 1:
         raise SetupError("The number of sampling steps must be at least 1.")
+    if out is not None:
+        check_out_path(Path(out).expanduser())
     model, what = current_model(store)
     preset = store.load_info().preset
     assert preset is not None  # current_model checked it
@@ -146,10 +161,15 @@ def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int
     except TooFewImages as exc:
         raise SetupError(str(exc)) from None
     pairs_path = Path(out).expanduser() if out is not None else new_audit_path(audits_dir(store))
-    save_pairs(result, samples, own, pairs_path)
     audit = ClientAudit(result, pairs_path, pairs_path.with_suffix(".json"), what,
                         Path(data_dir).expanduser().resolve())
-    atomic_write_bytes(audit.report_path, json.dumps(audit.to_dict(), indent=2).encode("utf-8"))
+    try:
+        save_pairs(result, samples, own, pairs_path)
+        atomic_write_bytes(audit.report_path,
+                           json.dumps(audit.to_dict(), indent=2).encode("utf-8"))
+    except OSError as exc:
+        raise SetupError(f"Cannot write {exc.filename or pairs_path} "
+                         f"({exc.strerror or exc}); choose another --out.") from None
     return audit
 
 
