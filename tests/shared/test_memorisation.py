@@ -28,6 +28,16 @@ from feddiffuse.shared.evaluation.memorisation import (
 from feddiffuse.shared.model import build_unet
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One thread: on a shared two-core machine two OpenMP threads per process wait for each
+    other far more than they help these small tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fmnist(fmnist_required_module):
     return load_fashion_mnist("train").images
@@ -124,3 +134,20 @@ def test_pairs_picture_puts_each_sample_beside_its_nearest_own_image(fmnist, tmp
     assert np.array_equal(left, right)
     assert np.array_equal(left[::2, ::2], own[5, 0].numpy())
     assert tuple(array[8, 8 + 126]) == (255, 255, 255)  # a new image: no frame
+
+
+def test_the_kept_memorising_model_is_what_its_script_makes():
+    """tests/support/memorising.py trains deterministically (so its kept weights can be made
+    again), and the kept file says how it was made."""
+    from safetensors import safe_open
+    from support import memorising
+
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    a, b = memorising.train(images, steps=2), memorising.train(images, steps=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(memorising.WEIGHTS), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(a)
+    assert meta == {"preset": "tiny", "steps": str(memorising.STEPS),
+                    "memorised": "fmnist-train[0:16]"}

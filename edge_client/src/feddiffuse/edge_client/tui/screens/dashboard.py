@@ -72,7 +72,8 @@ class Dashboard(Screen):
             "training and uploading, the training loss and what happened. Cancel stops at the "
             "next training step; Start (Resume) carries on from the last finished epoch. "
             "Samples draws images from your current model; Setup goes back to the hub and "
-            "folder settings.")
+            "folder settings; a opens the memorisation audit (does the model reproduce your "
+            "own images?).")
 
     class Update(Message):
         """One participant event, carried from the worker thread to the UI."""
