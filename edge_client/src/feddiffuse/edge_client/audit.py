@@ -10,7 +10,7 @@ See feddiffuse.shared.evaluation.memorisation for the method.
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -113,15 +113,17 @@ def load_own_images(data_dir: Path, preset: str) -> torch.Tensor:
 
 
 def check_out_path(out: Path) -> None:
-    """SetupError, before any work, when the pairs PNG could not be written at `out`."""
+    """SetupError, before any work, when the pairs PNG could not be written at `out` (its
+    folder is made here, as writing it would)."""
     if out.is_dir():
         raise SetupError(f"{out} is a folder; give --out a file name such as audit.png.")
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise SetupError(f"Cannot write {out} ({existing} is not a folder you can write to); "
-                         "choose another --out.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise SetupError(f"Cannot write {out} ({exc.strerror or exc}); choose another "
+                         "--out.") from None
 
 
 def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int = 50,

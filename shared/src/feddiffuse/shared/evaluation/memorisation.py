@@ -259,11 +259,8 @@ def audit_images(samples: torch.Tensor, own: torch.Tensor,
     if samples.shape[0] < 1:
         raise ValueError("no samples to audit")
     report = progress or (lambda _stage, _done, _total: None)
-    spaces_total = 2 if isinstance(features, FeatureExtractor) else 1
-    spaces = {"pixels": audit_space("pixels", "root-mean-square pixel difference, pixels in "
-                                    "[0, 1]", pixel_vectors(samples), pixel_vectors(own),
-                                    quantile=quantile, alpha=alpha, seed=seed)}
-    report("matching", 1, spaces_total)
+    rows = {"pixels": (pixel_vectors(samples), pixel_vectors(own))}
+    descriptions = {"pixels": "root-mean-square pixel difference, pixels in [0, 1]"}
     feature_space = None
     note = features.reason if isinstance(features, Unavailable) else None
     if isinstance(features, FeatureExtractor):
@@ -272,11 +269,14 @@ def audit_images(samples: torch.Tensor, own: torch.Tensor,
         report("features", samples.shape[0], total)
         own_feats = features.extract(own, lambda done, _t: report(
             "features", samples.shape[0] + done, total))
-        spaces[features.family] = audit_space(features.family, features.description,
-                                              sample_feats, own_feats, quantile=quantile,
-                                              alpha=alpha, seed=seed)
         feature_space = features.family
-        report("matching", 2, spaces_total)
+        rows[feature_space] = (sample_feats, own_feats)
+        descriptions[feature_space] = features.description
+    spaces: dict[str, SpaceResult] = {}
+    for k, (name, (sample_rows, own_rows)) in enumerate(rows.items()):
+        spaces[name] = audit_space(name, descriptions[name], sample_rows, own_rows,
+                                   quantile=quantile, alpha=alpha, seed=seed)
+        report("matching", k + 1, len(rows))
     pixels = spaces["pixels"]
     # Closest first in pixel space; ties by sample index.
     order = sorted(range(pixels.samples), key=lambda i: (pixels.distances[i], i))
