@@ -66,13 +66,14 @@ async def test_the_audit_screen_flags_a_memorised_model(tmp_path, fmnist):
     folder = write_pngs(tmp_path / "own", fmnist[:64])
     app = ClientApp(devices=[("CPU", "cpu")], autostart=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        # `a` opens the audit with the product's diffusion; this model was trained with a
-        # shorter one, so the test opens the screen with that.
-        app.push_screen(AuditScreen(joined(store, folder), schedule=memorising.schedule()))
+        app.open_dashboard(joined(store, folder))
+        await wait_until(pilot, lambda: on_screen(app, Dashboard), what="the dashboard")
+        app.screen.set_focus(None)
+        await pilot.press("a")
         await wait_until(pilot, lambda: on_screen(app, AuditScreen), what="the audit screen")
         screen = app.screen
         screen.query_one("#audit-count", Input).value = "16"
-        screen.query_one("#audit-steps", Input).value = "10"
+        screen.query_one("#audit-steps", Input).value = "25"
         await pilot.press("g")
         await wait_until(pilot, lambda: screen.audit is not None, what="the audit's result")
         assert "FLAGGED" in text(screen, "#audit-summary")

@@ -49,14 +49,35 @@ def test_binomial_tail_is_exact():
     assert binomial_tail(1, 20, 0.05) == pytest.approx(1 - 0.95 ** 20)
 
 
-def test_threshold_is_the_quantile_of_leave_one_out_distances():
-    # Points on a line at 0, 1, 3, 6, 10: nearest other point at 1, 1, 2, 3, 4.
-    rows = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
-    threshold, median = calibrate(rows, quantile=0.5)
-    assert threshold == pytest.approx(2.0) and median == pytest.approx(2.0)
-    assert calibrate(rows, quantile=0.0)[0] == pytest.approx(1.0)
-    dist, index = nearest_neighbours(torch.tensor([[2.4], [9.0]]), rows)
-    assert dist.tolist() == pytest.approx([0.6, 1.0]) and index.tolist() == [2, 4]
+def test_thresholds_are_quantiles_of_leave_one_out_distances_and_ratios():
+    # Points on a line at 0, 1, 3, 6, 10, 15: nearest other point at 1, 1, 2, 3, 4, 5.
+    rows = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0], [15.0]])
+    cal = calibrate(rows, quantile=0.5)
+    assert cal.threshold == pytest.approx(2.5) and cal.median == 2.0  # torch's lower median
+    assert cal.k == 5  # nearest over the 5th nearest (here: the farthest other point)
+    # Ratios: 1/15, 1/14, 2/12, 3/9, 4/10, 5/15; their median is (2/12 + 5/15) / 2.
+    assert cal.ratio_threshold == pytest.approx((2 / 12 + 5 / 15) / 2)
+    # Under both: the points at 0, 1 and 3 (distances 1, 1, 2; ratios 1/15, 1/14, 2/12) of 6.
+    assert cal.chance == pytest.approx((3 + 1) / (6 + 1))
+    dist, index = nearest_neighbours(torch.tensor([[2.4], [9.0]]), rows, k=2)
+    assert torch.allclose(dist, torch.tensor([[0.6, 1.4], [1.0, 3.0]], dtype=torch.float64))
+    assert index.tolist() == [[2, 1], [4, 3]]
+
+
+def test_a_sample_equally_near_many_own_images_is_no_copy():
+    """Carlini et al.'s ratio test: a dark, featureless sample may be as near as a copy to the
+    plainest images of a folder, but it is as near to all of them."""
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randint(0, 40, (12, 1, 8, 8), dtype=torch.uint8, generator=g)  # dark
+    busy = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=g)
+    own = torch.cat([plain, busy])
+    dark = torch.full((8, 1, 8, 8), 20, dtype=torch.uint8)
+    result = audit_images(dark, own)
+    pixels = result.spaces["pixels"]
+    assert all(d < pixels.threshold for d in pixels.distances)  # as near as a copy...
+    assert pixels.copies == 0 and not result.flagged  # ...but no nearer to one than to others
+    copies = audit_images(noisy(busy[:8], 2, amplitude=3), own)
+    assert copies.spaces["pixels"].copies == 8 and copies.flagged
 
 
 def test_pixel_distance_is_the_root_mean_square_difference():

@@ -22,8 +22,10 @@ import torch
 from feddiffuse.shared.diffusion import DiffusionSchedule, SamplerSpec
 from feddiffuse.shared.evaluation.features import Unavailable
 from feddiffuse.shared.evaluation.memorisation import (
+    K_RATIO,
     MIN_OWN_IMAGES,
     AuditResult,
+    SpaceResult,
     TooFewImages,
     audit_model,
     choose_feature_space,
@@ -61,8 +63,7 @@ class ClientAudit:
                f"{self.data_dir}; nothing left this computer.",
                f"Samples: {r.samples} ({_sampler_words(r.sampler)}, seed {r.seed})."]
         for space in r.spaces.values():
-            out.append(space_line(space.space, space.copies, space.samples, space.threshold,
-                                  r.quantile, space.flagged, space.p_value))
+            out.append(space_line(space, r.quantile))
         if r.feature_note:
             out.append(f"Feature space: none; {r.feature_note}.")
         out.append(r.verdict())
@@ -71,14 +72,16 @@ class ClientAudit:
         return out
 
 
-def space_line(space: str, copies: int, samples: int, threshold: float, quantile: float,
-               flagged: bool, p_value: float) -> str:
-    verdict = "FLAGGED" if flagged else "not flagged"
-    name = describe_space(space)
-    return (f"{name[0].upper()}{name[1:]}: {copies} of {samples} samples "
-            f"({copies / samples:.0%}) are closer to one of your images than {threshold:.4g} "
-            f"(the {100 * quantile:.0f}th percentile of your images' distances to each other, "
-            f"so {quantile:.0%} by chance; p = {p_value:.2g}): {verdict}.")
+def space_line(space: SpaceResult, quantile: float) -> str:
+    """One space's result in one sentence."""
+    verdict = "FLAGGED" if space.flagged else "not flagged"
+    name = describe_space(space.space)
+    pct = f"{100 * quantile:.0f}th percentile"
+    return (f"{name[0].upper()}{name[1:]}: {space.copies} of {space.samples} samples "
+            f"({space.copy_rate:.0%}) are near-copies of one of your images (closer than "
+            f"{space.threshold:.4g}, and under {space.ratio_threshold:.2f} times as far as "
+            f"the {K_RATIO}th nearest: each the {pct} of your images against each other; "
+            f"{space.chance:.1%} by chance, p = {space.p_value:.2g}): {verdict}.")
 
 
 def _sampler_words(sampler: dict | None) -> str:
@@ -128,13 +131,12 @@ def check_out_path(out: Path) -> None:
 
 def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int = 50,
               seed: int = 0, device: str = "auto", out: Path | None = None,
-              progress: Progress | None = None, stop: threading.Event | None = None,
-              schedule: DiffusionSchedule | None = None) -> ClientAudit:
+              progress: Progress | None = None, stop: threading.Event | None = None
+              ) -> ClientAudit:
     """Audit the model held for `store` against the images in `data_dir`.
 
     Writes the pairs PNG to `out` (default: a new file under `audits/`) and the JSON report
-    beside it. `schedule` is the diffusion the model was trained with (the product's by
-    default; the tests' cheap memorising models use a shorter one)."""
+    beside it."""
     if n < 1:
         raise SetupError("The number of samples must be at least 1.")
     if steps < 1:
@@ -147,8 +149,8 @@ def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int
     own = load_own_images(Path(data_dir).expanduser(), preset)
     cfg = get_preset(preset).config
     dev, _reason = describe_device(device)
-    schedule = schedule or DiffusionSchedule.linear()
-    sampler = SamplerSpec("ddim", min(steps, schedule.timesteps)).validate(schedule.timesteps)
+    schedule = DiffusionSchedule.linear()  # the product's, as the model was trained with
+    sampler = SamplerSpec("ddim", steps).validate(schedule.timesteps)
     features = choose_feature_space(cfg.channels, cfg.image_size, dev)
 
     def report(stage: str, done: int, total: int) -> None:

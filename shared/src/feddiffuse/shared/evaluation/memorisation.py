@@ -6,24 +6,31 @@ data owner checks it on their own machine: draw samples from the model (seeded),
 sample's nearest neighbour among the owner's images, and count the samples that are closer
 to one of the owner's images than the owner's images are to each other.
 
-The threshold is calibrated on the owner's own data, in each space separately: every own
-image (up to `MAX_CALIBRATION_QUERIES`, a seeded choice) is matched to its nearest *other* own
-image (leave one out), and the threshold is the `quantile` (5 %) of those distances. A
-held-out image of the owner's is thus closer than the threshold to the rest of the folder
-5 % of the time: a model whose samples are new images of the same kind is expected to have
-about 5 % of its samples under it; a model that copies has many more. Leave-one-out rather
-than half against half, because a sample is matched against the whole folder (n images), so
-the calibration queries must face a reference set of that size too (n - 1, not n / 2: a
-nearest neighbour among fewer images is farther, which would loosen the threshold).
+A sample is a *near-copy* of an own image when two things hold (in one space):
 
-A space is *flagged* when its copy count is improbable under that 5 %: the one-sided
-binomial tail P(X >= copies | n samples, 5 %) is below `alpha` (1 %). Two spaces:
+- it is closer to that image than `threshold`: the owner's images are each matched to their
+  nearest *other* own image (leave one out; up to `MAX_CALIBRATION_QUERIES` of them, a seeded
+  choice), and the threshold is the `quantile` (5 %) of those distances;
+- it is distinctly closer to that image than to the others (Carlini et al.'s ratio test): its
+  distance to the nearest over its distance to the `K_RATIO`-th nearest is under the same
+  quantile of that ratio among the owner's own images (leave one out again). A blurred or
+  dark sample can be as close as a copy to the plainest images of a folder, but it is about
+  as close to all of them, so its ratio is near 1.
+
+Leave-one-out rather than half against half, because a sample is matched against the whole
+folder (n images), so the calibration queries must face a reference set of that size too
+(n - 1, not n / 2: a nearest neighbour among fewer images is farther, which would loosen the
+threshold). The share of the owner's own held-out images that pass both tests is what a
+model making new images of the same kind scores by chance (`chance`, 3 to 8 % on 64
+Fashion-MNIST images; estimated as (passes + 1) / (queries + 1), so never 0). A space is
+*flagged* when the samples' count is improbable under it: the one-sided binomial tail
+P(X >= copies | n samples, chance) is below `alpha` (1 %). Two spaces:
 
 - pixels: the root-mean-square difference of the images in [0, 1] (what "copy" means in
   Carlini et al. for small images);
 - features: the project's Fashion-MNIST classifier (128-d) for 28x28 greyscale images, the
   TF-FID Inception-v3 (2048-d) for other images where its weights are installed, else none
-  (the result says why). Features see through a small shift or change of brightness.
+  (the result says why).
 
 Nothing here reads or writes anything but the pairs PNG it is asked to write.
 """
@@ -48,7 +55,8 @@ from ..wire import atomic_write_bytes
 from .features import FashionMNISTFeatures, FeatureExtractor, Unavailable
 from .fmnist_classifier import IMAGE_SIZE as FMNIST_SIZE
 
-QUANTILE = 0.05  # the share of the owner's held-out images under the threshold
+QUANTILE = 0.05  # the share of the owner's held-out images under each threshold
+K_RATIO = 5  # the ratio test's far neighbour: distance to the nearest / to the 5th nearest
 ALPHA = 0.01  # a space is flagged when its copy count is this improbable without copying
 MIN_OWN_IMAGES = 10  # fewer own images than this cannot calibrate a 5 % threshold
 MAX_CALIBRATION_QUERIES = 2000  # leave-one-out queries (each against every own image)
@@ -64,18 +72,22 @@ class TooFewImages(UserError):
 
 @dataclass(frozen=True)
 class SpaceResult:
-    """The audit in one space: the threshold, how many samples fall under it, the verdict."""
+    """The audit in one space: the thresholds, how many samples pass them, the verdict."""
 
     space: str  # "pixels", "fmnist" or "inception"
     description: str
-    threshold: float
+    threshold: float  # distance to the nearest own image
+    ratio_threshold: float  # distance to the nearest / distance to the K_RATIO-th nearest
+    chance: float  # the share of the owner's held-out images that pass both
     own_median: float  # the median leave-one-out distance among the owner's images
     copies: int
     samples: int
-    p_value: float  # P(X >= copies) for X ~ Binomial(samples, quantile)
+    p_value: float  # P(X >= copies) for X ~ Binomial(samples, chance)
     flagged: bool
     nearest: list[int] = field(repr=False)  # per sample, the index of its nearest own image
     distances: list[float] = field(repr=False)  # per sample, the distance to it
+    ratios: list[float] = field(repr=False)  # per sample, nearest / K_RATIO-th nearest
+    near_copy: list[bool] = field(repr=False)  # per sample, whether it passes both
 
     @property
     def copy_rate(self) -> float:
@@ -92,7 +104,7 @@ class Pair:
     sample: int  # index into the samples
     own: int  # index into the owner's images
     distance: float  # in pixel space
-    copy: bool  # under the threshold in any space
+    copy: bool  # a near-copy in any space
 
 
 @dataclass(frozen=True)
@@ -114,10 +126,9 @@ class AuditResult:
 
     @property
     def copies(self) -> int:
-        """Samples under the threshold in any space."""
-        per_sample = [any(s.distances[i] < s.threshold for s in self.spaces.values())
-                      for i in range(self.samples)]
-        return sum(per_sample)
+        """Samples that are near-copies in any space."""
+        return sum(any(s.near_copy[i] for s in self.spaces.values())
+                   for i in range(self.samples))
 
     def verdict(self) -> str:
         """One sentence for people."""
@@ -126,8 +137,8 @@ class AuditResult:
                               if s.flagged)
             return (f"The model reproduces some of your images: far more of its samples are "
                     f"near-copies of yours than chance explains (in {which}).")
-        return ("No sign that the model reproduces your images: its samples are no closer to "
-                "yours than your images are to each other.")
+        return ("No sign that the model reproduces your images: no more of its samples are "
+                "near-copies of yours than chance explains.")
 
     def to_dict(self) -> dict:
         return {
@@ -154,24 +165,25 @@ def describe_space(space: str) -> str:
 # -- maths --------------------------------------------------------------------------------------
 
 
-def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, *,
+def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, *, k: int = 1,
                        exclude: torch.Tensor | None = None, chunk: int = 512
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance of each query row to its nearest row of `refs`, and that row's index.
+    """Euclidean distances (N x k, ascending) of each query row to its `k` nearest rows of
+    `refs`, and those rows' indices.
 
     `exclude[i]`, when given, is a row of `refs` that query i may not match (itself: leave one
     out). Computed in float64, in chunks of queries, so large folders fit in memory.
     """
     refs64 = refs.to(torch.float64)
-    dist = torch.empty(queries.shape[0], dtype=torch.float64)
-    index = torch.empty(queries.shape[0], dtype=torch.long)
+    dist = torch.empty((queries.shape[0], k), dtype=torch.float64)
+    index = torch.empty((queries.shape[0], k), dtype=torch.long)
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk].to(torch.float64)
         d = torch.cdist(q, refs64, compute_mode="donot_use_mm_for_euclid_dist")
         if exclude is not None:
             rows = torch.arange(q.shape[0])
             d[rows, exclude[start:start + chunk]] = math.inf
-        best = d.min(dim=1)
+        best = d.topk(k, dim=1, largest=False, sorted=True)
         dist[start:start + q.shape[0]] = best.values
         index[start:start + q.shape[0]] = best.indices
     return dist, index
@@ -184,20 +196,49 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     return min(1.0, sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1)))
 
 
-def calibrate(own: torch.Tensor, *, quantile: float = QUANTILE, seed: int = 0,
-              max_queries: int = MAX_CALIBRATION_QUERIES) -> tuple[float, float]:
-    """(threshold, median) of the leave-one-out nearest-neighbour distances among `own` rows.
+def nearest_ratio(dist: torch.Tensor) -> torch.Tensor:
+    """Distance to the nearest over distance to the farthest of the k columns (1 where all are
+    0: no image is nearer than the others)."""
+    far = dist[:, -1]
+    return torch.where(far > 0, dist[:, 0] / far.clamp(min=1e-300), torch.ones_like(far))
 
-    The threshold is the `quantile` of those distances; with more than `max_queries` rows a
-    seeded choice of that many is matched (each against every row but itself)."""
+
+@dataclass(frozen=True)
+class Calibration:
+    """The owner's own images against each other (leave one out)."""
+
+    threshold: float  # the quantile of the distances to the nearest other own image
+    ratio_threshold: float  # the quantile of nearest / k-th nearest
+    chance: float  # (held-out images passing both + 1) / (queries + 1)
+    median: float  # the median distance to the nearest other own image
+    queries: int
+    k: int
+
+
+def ratio_k(own_images: int) -> int:
+    return max(1, min(K_RATIO, own_images - 1))
+
+
+def calibrate(own: torch.Tensor, *, quantile: float = QUANTILE, seed: int = 0,
+              max_queries: int = MAX_CALIBRATION_QUERIES) -> Calibration:
+    """Thresholds from the leave-one-out neighbours among the `own` rows.
+
+    With more than `max_queries` rows a seeded choice of that many is matched (each against
+    every row but itself)."""
     n = own.shape[0]
     if n < 2:
         raise TooFewImages("At least two images are needed to calibrate.")
     queries = torch.arange(n)
     if n > max_queries:
         queries = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_queries]
-    dist, _ = nearest_neighbours(own[queries], own, exclude=queries)
-    return float(torch.quantile(dist, quantile)), float(dist.median())
+    k = ratio_k(n)
+    dist, _ = nearest_neighbours(own[queries], own, k=k, exclude=queries)
+    nearest, ratio = dist[:, 0], nearest_ratio(dist)
+    threshold = float(torch.quantile(nearest, quantile))
+    ratio_threshold = float(torch.quantile(ratio, quantile))
+    passes = int(((nearest < threshold) & (ratio < ratio_threshold)).sum())
+    return Calibration(threshold, ratio_threshold, (passes + 1) / (len(queries) + 1),
+                       float(nearest.median()), len(queries), k)
 
 
 def pixel_vectors(images: torch.Tensor) -> torch.Tensor:
@@ -210,13 +251,17 @@ def pixel_vectors(images: torch.Tensor) -> torch.Tensor:
 def audit_space(space: str, description: str, sample_rows: torch.Tensor,
                 own_rows: torch.Tensor, *, quantile: float = QUANTILE, alpha: float = ALPHA,
                 seed: int = 0) -> SpaceResult:
-    threshold, median = calibrate(own_rows, quantile=quantile, seed=seed)
-    dist, index = nearest_neighbours(sample_rows, own_rows)
-    copies = int((dist < threshold).sum())
+    cal = calibrate(own_rows, quantile=quantile, seed=seed)
+    dist, index = nearest_neighbours(sample_rows, own_rows, k=cal.k)
+    nearest, ratio = dist[:, 0], nearest_ratio(dist)
+    near_copy = (nearest < cal.threshold) & (ratio < cal.ratio_threshold)
+    copies = int(near_copy.sum())
     n = int(sample_rows.shape[0])
-    p_value = binomial_tail(copies, n, quantile)
-    return SpaceResult(space, description, threshold, median, copies, n, p_value,
-                       p_value < alpha, index.tolist(), dist.tolist())
+    p_value = binomial_tail(copies, n, cal.chance)
+    return SpaceResult(space, description, cal.threshold, cal.ratio_threshold, cal.chance,
+                       cal.median, copies, n, p_value, p_value < alpha,
+                       index[:, 0].tolist(), nearest.tolist(), ratio.tolist(),
+                       near_copy.tolist())
 
 
 # -- the feature space ------------------------------------------------------------------------
@@ -281,7 +326,7 @@ def audit_images(samples: torch.Tensor, own: torch.Tensor,
     # Closest first in pixel space; ties by sample index.
     order = sorted(range(pixels.samples), key=lambda i: (pixels.distances[i], i))
     pairs = [Pair(i, pixels.nearest[i], pixels.distances[i],
-                  any(s.distances[i] < s.threshold for s in spaces.values()))
+                  any(s.near_copy[i] for s in spaces.values()))
              for i in order[:pairs_shown]]
     return AuditResult(int(samples.shape[0]), int(own.shape[0]), quantile, alpha, spaces,
                        feature_space, note, pairs)
@@ -327,7 +372,7 @@ def audit_model(model: nn.Module, own: torch.Tensor, n: int, *,
 
 PAD = 2  # between a sample and its own image
 GAP = 8  # between pairs
-FRAME = 2  # the red frame of a pair under the threshold
+FRAME = 2  # the red frame of a near-copy
 PAIRS_PER_ROW = 4
 COPY_RGB = (220, 40, 40)
 BACKGROUND_RGB = (255, 255, 255)
@@ -336,7 +381,7 @@ BACKGROUND_RGB = (255, 255, 255)
 def pairs_image(result: AuditResult, samples: torch.Tensor, own: torch.Tensor,
                 scale: int = 2) -> Image.Image:
     """The closest pairs side by side, `PAIRS_PER_ROW` to a row: each sample (left) beside
-    the owner's image nearest to it (right); pairs under the threshold in a red frame."""
+    the owner's image nearest to it (right); near-copies in a red frame."""
     if not result.pairs:
         raise ValueError("no pairs to draw")
     c, h, w = samples.shape[1:]

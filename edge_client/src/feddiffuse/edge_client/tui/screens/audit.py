@@ -19,7 +19,6 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, ProgressBar, Static
 
-from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.errors import FedDiffuseError, UserError
 
 from ...audit import ClientAudit, feature_space_words, run_audit, space_line
@@ -41,11 +40,11 @@ class AuditScreen(Screen):
     ]
     HELP = ("Check whether your current model reproduces your own images. The audit draws "
             "samples from the model, finds for each the nearest of your images, and counts the "
-            "samples that are closer to one of yours than your images are to each other (the "
-            "5% point of those distances is the threshold; 5% of the samples fall under it by "
-            "chance). It runs on this computer only: nothing is sent to the hub. The picture "
-            "shows the closest samples, each beside your image nearest to it; a red frame "
-            "marks a near-copy.")
+            "near-copies: samples closer to one of yours than your images are to each other, "
+            "and distinctly closer to it than to your others (both thresholds are the 5th "
+            "percentiles of your own images against each other). It runs on this computer "
+            "only: nothing is sent to the hub. The picture shows the closest samples, each "
+            "beside your image nearest to it; a red frame marks a near-copy.")
 
     class Progress(Message):
         def __init__(self, stage: str, done: int, total: int) -> None:
@@ -60,10 +59,9 @@ class AuditScreen(Screen):
             self.audit = audit
             self.sentence = sentence
 
-    def __init__(self, joined: Joined, schedule: DiffusionSchedule | None = None) -> None:
+    def __init__(self, joined: Joined) -> None:
         super().__init__()
         self.joined = joined
-        self.schedule = schedule  # the diffusion the model was trained with (None: the product's)
         self.stop_event = threading.Event()
         self.audit: ClientAudit | None = None
         self.running = False
@@ -127,7 +125,7 @@ class AuditScreen(Screen):
         try:
             audit = run_audit(self.joined.store, self.joined.data_dir, n, steps=steps,
                               device=self.joined.device, stop=self.stop_event,
-                              schedule=self.schedule, progress=progress)
+                              progress=progress)
         except Cancelled:
             self.post_message(self.Done(None, "The audit stopped."))
             return
@@ -153,8 +151,7 @@ class AuditScreen(Screen):
         if message.audit is None:
             return
         r = message.audit.result
-        lines = [space_line(s.space, s.copies, s.samples, s.threshold, r.quantile, s.flagged,
-                            s.p_value) for s in r.spaces.values()]
+        lines = [space_line(s, r.quantile) for s in r.spaces.values()]
         lines.append(f"Feature space: {feature_space_words(r)}.")
         lines.append(f"Model: {message.audit.model}. Pairs: {message.audit.pairs_path}")
         self.query_one("#audit-summary", Static).update("\n".join(lines))
