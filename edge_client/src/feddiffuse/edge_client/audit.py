@@ -78,10 +78,11 @@ def space_line(space: SpaceResult, quantile: float) -> str:
     name = describe_space(space.space)
     pct = f"{100 * quantile:.0f}th percentile"
     return (f"{name[0].upper()}{name[1:]}: {space.copies} of {space.samples} samples "
-            f"({space.copy_rate:.0%}) are near-copies of one of your images (closer than "
-            f"{space.threshold:.4g}, and under {space.ratio_threshold:.2f} times as far as "
-            f"the {K_RATIO}th nearest: each the {pct} of your images against each other; "
-            f"{space.chance:.1%} by chance, p = {space.p_value:.2g}): {verdict}.")
+            f"({space.copy_rate:.0%}) are near-copies of one of your images (nearer to it "
+            f"than {space.threshold:.4g}, and less than {space.ratio_threshold:.2f} of the "
+            f"way to your {K_RATIO}th-nearest image: the {pct}s of your own images against "
+            f"each other; {space.chance:.1%} of those pass by chance; p = "
+            f"{space.p_value:.2g}): {verdict}.")
 
 
 def _sampler_words(sampler: dict | None) -> str:
