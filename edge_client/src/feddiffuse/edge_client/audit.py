@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from feddiffuse.shared.diffusion import DiffusionSchedule, SamplerSpec
-from feddiffuse.shared.evaluation.features import Unavailable
 from feddiffuse.shared.evaluation.memorisation import (
     K_RATIO,
     MIN_OWN_IMAGES,
@@ -184,5 +183,4 @@ def feature_space_words(result: AuditResult) -> str:
     return result.spaces[result.feature_space].description
 
 
-__all__ = ["ClientAudit", "Unavailable", "audits_dir", "feature_space_words", "run_audit",
-           "space_line"]
+__all__ = ["ClientAudit", "audits_dir", "feature_space_words", "run_audit", "space_line"]
