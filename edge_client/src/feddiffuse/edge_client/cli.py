@@ -1,7 +1,7 @@
 """The `feddiffuse-client` command line.
 
-With no arguments it opens the terminal app; `join`, `sample`, `status` and `version` are the
-headless commands. Mistakes the user can fix end with one sentence and exit code 2.
+With no arguments it opens the terminal app; `join`, `sample`, `audit`, `status` and `version`
+are the headless commands. Mistakes the user can fix end with one sentence and exit code 2.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ EXAMPLES = """Examples:
   feddiffuse-client join                 rejoin the last hub with the saved token and folder
 
   feddiffuse-client sample --n 16 --out grid.png
+
+  feddiffuse-client audit --n 64         does the model reproduce my own images?
 
   feddiffuse-client status --json
 """
@@ -196,6 +198,54 @@ def sample(
             typer.echo(f"Note: {newer}")
         if result.note:
             typer.echo(f"Note: {result.note}")
+
+
+@app.command(epilog="Example: feddiffuse-client audit --n 64 --out audit.png  (nothing is "
+                    "sent anywhere: the model and your images stay on this computer)")
+def audit(
+    n: Annotated[int, typer.Option("--n", help="How many samples to draw and check.",
+                                   min=1, max=4096)] = 64,
+    steps: Annotated[int, typer.Option(help="DDIM sampling steps.", min=1, max=1000)] = 50,
+    seed: Annotated[int, typer.Option(help="Random seed of the samples.")] = 0,
+    data: Annotated[Path | None, typer.Option(help="The folder of your images (default: "
+                                                   "the last one used).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the PNG of the closest "
+                                                  "pairs (default: audits/ in the hub's "
+                                                  "state folder).")] = None,
+    hub: Annotated[str | None, typer.Option(help="Which hub's model (default: the last "
+                                                 "one used).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda, mps or cpu.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print the result as one "
+                                                                     "JSON object.")] = False,
+) -> None:
+    """Check whether your model reproduces your own images (memorisation audit, on this
+    computer only): sample it, find each sample's nearest image of yours, and count the
+    samples closer than your images are to each other."""
+    with _friendly_errors():
+        from .audit import run_audit
+        from .settings import Settings
+
+        store = _store_for(hub)
+        saved = Settings.load().data_dir
+        folder = data or (Path(saved) if saved else None)
+        if folder is None:
+            raise UserError("No image folder known; pass --data with the folder of your "
+                            "images.")
+        shown: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            quarter = int(4 * done / total) if total else 4
+            if quarter > shown.get(stage, 0):
+                shown[stage] = quarter
+                typer.echo(f"  {stage}: {100 * done / total:.0f}%", err=True)
+
+        result = run_audit(store, folder, n, steps=steps, seed=seed, device=device, out=out,
+                           progress=progress)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        for line in result.lines():
+            typer.echo(line)
 
 
 @app.command()

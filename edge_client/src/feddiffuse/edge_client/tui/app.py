@@ -12,6 +12,7 @@ from ..inputs import normalize_hub_url
 from ..session import HttpFactory, Joined, JoinRequest
 from ..settings import Settings
 from ..state import HubFolder
+from .screens.audit import AuditScreen
 from .screens.confirm_quit import ConfirmQuit
 from .screens.dashboard import Dashboard
 from .screens.help import HelpScreen, key_lines
@@ -37,7 +38,7 @@ def rejoin_request(settings: Settings) -> JoinRequest | None:
 
 
 class ClientApp(App):
-    """Setup -> dashboard (-> samples). State and settings live outside the UI."""
+    """Setup -> dashboard (-> samples, audit). State and settings live outside the UI."""
 
     CSS_PATH = "app.tcss"
     TITLE = "FedDiffuse client"
@@ -79,6 +80,9 @@ class ClientApp(App):
 
     def open_samples(self, joined: Joined) -> None:
         self.push_screen(SamplesScreen(joined))
+
+    def open_audit(self, joined: Joined) -> None:
+        self.push_screen(AuditScreen(joined))
 
     # -- quitting -------------------------------------------------------------------------------
 

@@ -66,12 +66,14 @@ class Dashboard(Screen):
         Binding("r", "start", "Start / resume"),
         Binding("s", "samples", "Samples"),
         Binding("e", "setup", "Setup"),
+        Binding("a", "audit", "Audit", show=False),  # also on the Samples screen's footer
     ]
     HELP = ("The dashboard shows the federation and its round, the progress of downloading, "
             "training and uploading, the training loss and what happened. Cancel stops at the "
             "next training step; Start (Resume) carries on from the last finished epoch. "
             "Samples draws images from your current model; Setup goes back to the hub and "
-            "folder settings.")
+            "folder settings; a opens the memorisation audit (does the model reproduce your "
+            "own images?).")
 
     class Update(Message):
         """One participant event, carried from the worker thread to the UI."""
@@ -375,6 +377,9 @@ class Dashboard(Screen):
     @on(Button.Pressed, "#samples")
     def action_samples(self) -> None:
         self.app.open_samples(self.joined)  # type: ignore[attr-defined]
+
+    def action_audit(self) -> None:
+        self.app.open_audit(self.joined)  # type: ignore[attr-defined]
 
     @on(Button.Pressed, "#setup")
     def action_setup(self) -> None:

@@ -43,12 +43,14 @@ class SamplesScreen(Screen):
         Binding("escape", "back", "Back"),
         Binding("g", "generate", "Generate"),
         Binding("z", "toggle_fit", "Fit / full size"),
+        Binding("a", "audit", "Audit"),
     ]
     HELP = ("Draw a grid of images from your current model: the global model plus your own "
             "segments. Give the number of images and of DDIM steps, then press Enter or g. "
             "The grid is scaled to fit the window; z shows it at full size in a box that "
             "scrolls. Past grids of this client are listed on the left, newest first: move "
-            "through them to see each one.")
+            "through them to see each one. a opens the memorisation audit: does the model "
+            "reproduce your own images?")
 
     class Progress(Message):
         def __init__(self, step: int, total: int) -> None:
@@ -232,6 +234,9 @@ class SamplesScreen(Screen):
         status = self.query_one("#sample-status", Static)
         status.update(sentence)
         status.set_class(bad, "-bad")
+
+    def action_audit(self) -> None:
+        self.app.open_audit(self.joined)  # type: ignore[attr-defined]
 
     @on(Button.Pressed, "#back")
     def action_back(self) -> None:
