@@ -249,7 +249,12 @@ class UploadReceiver:
         except (RecursionError, ValueError):  # JSON nested too deep, a 4300+ digit number
             raise invalid("not a valid safetensors file: its header nests too deeply or holds "
                           "a number too long to read") from None
-        self._check_metadata(header.get("__metadata__") or {})
+        metadata = header.get("__metadata__") or {}
+        if not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise invalid("not a valid safetensors file: safetensors metadata must map strings "
+                          "to strings")
+        self._check_metadata(metadata)
         names = {n.split(SEP, 1)[0] for n in header if n != "__metadata__"}
         if names != set(t.expected_shapes):
             held = self.layout.segments_of_names(names)
