@@ -3,10 +3,12 @@
 The body is written to a temporary blob while it is hashed and checked: first the 8-byte
 header length (against a limit), then the JSON header (names, dtypes, shapes and offsets via
 `wire.check_layout`, and the delta's metadata), then the tensor bytes, whose float32 values are
-checked to be finite slice by slice. Nothing is ever unpickled, and the body is never held in
-memory. Reading stops at the first refusal: the app answers, reading and dropping at most
-DRAIN_LIMIT more bytes first (so that the client sees the answer, not a reset), then closes
-the connection.
+checked to be finite slice by slice. In a compressed uplink codec (`codecs`) the header is
+checked against that codec's layout, and the payload, a fraction of an fp32 one, is decoded
+and checked whole once it has arrived (indices, int8 range, scales, values). Nothing is ever
+unpickled, and an fp32 body is never held in memory. Reading stops at the first refusal: the
+app answers, reading and dropping at most DRAIN_LIMIT more bytes first (so that the client
+sees the answer, not a reset), then closes the connection.
 """
 
 from __future__ import annotations
