@@ -83,7 +83,8 @@ class Federation:
                  clients: Sequence[str] = ("client-00", "client-01"), rounds: int = 2,
                  local_epochs: int = 1, min_clients: int | None = None,
                  round_timeout: float | None = None, seed: int = 0, batch_size: int = 16,
-                 lr: float = 1e-3) -> None:
+                 lr: float = 1e-3, uplink_codec: str = "fp32",
+                 downlink_codec: str = "fp32") -> None:
         self.work, self.data, self.method = work, data, method
         self.clients = tuple(clients)
         self.rounds, self.seed = rounds, seed
@@ -92,7 +93,8 @@ class Federation:
         args = ["feddiffuse-hub", "init", str(self.root), "--preset", "tiny", "--method", method,
                 "--rounds", str(rounds), "--local-epochs", str(local_epochs),
                 "--min-clients", str(min_clients or len(self.clients)), "--seed", str(seed),
-                "--batch-size", str(batch_size), "--lr", str(lr)]
+                "--batch-size", str(batch_size), "--lr", str(lr),
+                "--uplink-codec", uplink_codec, "--downlink-codec", downlink_codec]
         if round_timeout is not None:
             args += ["--round-timeout", str(round_timeout)]
         self.admin = TOKEN_LINE.findall(run_cli(*args))[-1]

@@ -8,6 +8,7 @@ Every run is small (tiny preset, 32 Fashion-MNIST images per client, 1-2 local e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from edge_proxy import CuttingProxy  # the edge client tests' cutting TCP proxy
 from federation_fixtures import (
     BIN,
@@ -29,7 +31,7 @@ from safetensors.torch import load_file
 from feddiffuse.hub.paths import HubPaths
 from feddiffuse.hub.store import open_store
 from feddiffuse.shared.comm import replay_ledger
-from feddiffuse.shared.model import build_unet
+from feddiffuse.shared.model import build_unet, segment_map
 from feddiffuse.shared.wire import sha256_hex
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_fmnist]
@@ -100,17 +102,51 @@ def test_bytes_over_http_equal_the_ledger(undisturbed):
     # as its record says.
     for u in fed.final_uploads:
         assert fed.blob(u.sha256).stat().st_size == u.bytes
-    # The core's replay (no training) agrees up to the metadata it cannot know: the hub's
-    # full-model file names its completed rounds instead of a version, and an upload carries
-    # the client's own sample count and mean loss.
+    # The core's replay (no training) writes the same metadata (the hub's full-model file,
+    # the clients' fixed-width mean loss): with every client's sample count it agrees to the
+    # byte.
     ledger = replay_ledger("tiny", fed.method, len(fed.clients), fed.rounds, seed=fed.seed,
                            samples_per_client=PER_CLIENT).totals()
     up = sum(m["bytes_in"] for m in measured.values())
     down = sum(m["bytes_out"] for m in measured.values())
-    assert abs(ledger["uplink_bytes"] - up) <= 64 * len(fed.final_uploads)
-    assert abs(ledger["downlink_bytes"] - down) <= 64 * len(fed.final_uploads)
-    print(f"measured up {up} down {down}; replay_ledger up {ledger['uplink_bytes']} "
-          f"down {ledger['downlink_bytes']}")
+    assert (ledger["uplink_bytes"], ledger["downlink_bytes"]) == (up, down)
+
+
+def test_compressed_federation_bytes_equal_comm_to_the_byte(tmp_path, data, federations):
+    """top-k + int8 uploads with error feedback, int8 downloads (the initial model, then each
+    round's update, the client's copy moved by the same addition as the hub's): the
+    federation finishes, every client ends holding the hub's final bytes, and what crossed
+    HTTP is what `feddiffuse comm` counts."""
+    up_codec, down_codec = "topk:0.05+int8", "int8"
+    fed = federations(tmp_path / "fed", data, method="ulatdec", rounds=2, seed=3,
+                      uplink_codec=up_codec, downlink_codec=down_codec)
+    fed.start_hub()
+    for c in fed.clients:
+        fed.start_client(c)
+    status = fed.wait_for(lambda s: s.federation.finished, what="the federation to finish")
+    fed.wait_clients()
+    assert status.federation.uplink_codec == up_codec
+    assert all(h.missing == [] and len(h.reported) == 2 for h in status.history)
+    res = subprocess.run([str(BIN / "feddiffuse"), "comm", "--preset", "tiny", "--method",
+                          "ulatdec", "--clients", "2", "--rounds", "2", "--seed", "3",
+                          "--samples-per-client", str(PER_CLIENT), "--uplink-codec", up_codec,
+                          "--downlink-codec", down_codec, "--json"],
+                         capture_output=True, text=True, env=child_env(), check=True)
+    comm = json.loads(res.stdout)
+    up = sum(h.bytes_in for h in status.history)
+    down = sum(h.bytes_out for h in status.history)
+    assert (comm["uplink_bytes"], comm["downlink_bytes"]) == (up, down)
+    assert comm["bytes_vs_full_fp32"] < 0.3
+    # Each client's shared segments are the hub's final ones, bit for bit.
+    final = fed.export(fed.work / "final.safetensors")
+    hub_final = load_file(final)
+    seg_of = segment_map(build_unet("tiny"))
+    for c in fed.clients:
+        (path,) = fed.home(c).rglob("global.safetensors")
+        held = load_file(path)
+        for n, t in hub_final.items():
+            if seg_of[n] in ("bottleneck", "decoder"):
+                assert torch.equal(held[n], t), (c, n)
 
 
 def test_hub_killed_mid_round_finishes_with_the_same_model(tmp_path, data, undisturbed,

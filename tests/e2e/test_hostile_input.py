@@ -27,6 +27,7 @@ import copy
 import hashlib
 import http.client
 import importlib.util
+import io
 import json
 import math
 import re
@@ -34,11 +35,12 @@ import struct
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +48,7 @@ from feddiffuse.hub import Hub, create_app
 from feddiffuse.hub.blobs import is_sha256
 from feddiffuse.hub.errors import HubError
 from feddiffuse.hub.uploads import UploadReceiver, UploadTicket
+from feddiffuse.shared.codecs import SEP, decode_payload, encode_payload, parse_codec, write_payload
 from feddiffuse.shared.errors import WireFormatError
 from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.protocol import API_PREFIX as A
@@ -55,7 +58,7 @@ from feddiffuse.shared.protocol import (
     ErrorCode,
     UploadReceipt,
 )
-from feddiffuse.shared.wire import PREFIX, decode_tensors, sha256_hex
+from feddiffuse.shared.wire import PREFIX, decode_tensors, encode_tensors, sha256_hex
 
 
 def _load_hub_helpers():
@@ -116,10 +119,10 @@ def blob_names(root: Path) -> set[str]:
 class Honest:
     """An honest delta, taken apart: what the mutations start from."""
 
-    body: bytes
-    header: dict
+    body: bytes = field(repr=False)
+    header: dict = field(repr=False)
     header_len: int
-    data: bytes
+    data: bytes = field(repr=False)
 
     @classmethod
     def of(cls, body: bytes) -> Honest:
@@ -174,7 +177,10 @@ def reference_verdict(body: bytes, ticket: UploadTicket) -> int | None:
                     and isinstance(info["shape"], list) and isinstance(info["data_offsets"], list)
                     and all(type(v) is int for v in info["shape"] + info["data_offsets"])):
                 return None
-        _, meta = decode_tensors(body, ticket.expected_shapes)
+        if ticket.codec.lossless:
+            _, meta = decode_tensors(body, ticket.expected_shapes)
+        else:
+            _, meta = decode_payload(body, ticket.codec, ticket.expected_shapes)
     except (ValueError, TypeError, WireFormatError, RecursionError, UnicodeError):
         return None
 
@@ -193,7 +199,7 @@ def reference_verdict(body: bytes, ticket: UploadTicket) -> int | None:
     checks = [
         get("kind") == "delta",
         get("preset") == ticket.preset,
-        get("codec") == "fp32",
+        get("codec") == ticket.codec.name,
         get("format_version") in (None, "1"),
         get("base_version") == ticket.base_version,
         whole("round") == ticket.round,
@@ -221,7 +227,7 @@ METADATA_VALUES = {
                     " 10", "10 ", "+10", "0x10", "3", "9" * 5000, "0" * 4999 + "5"],
     "base_version": ["", "../../escaped", "0" * 64, "@UPPER@", "@BASE@ ", "@BASE@\x00"],
     "kind": ["global", "Delta", ""],
-    "codec": ["fp16", "FP32", ""],
+    "codec": ["fp16", "FP32", "", "fp32", "int8", "topk:0.05", "topk:0.050+int8"],
     "preset": ["paper-fmnist", "TINY", ""],
     "segments": ["encoder", "decoder,encoder,bottleneck", "encoder,bottleneck,decoder,",
                  "encoder,,bottleneck,decoder", "encoder,bottleneck,decoder,extra", "../"],
@@ -254,7 +260,8 @@ def _hostile_bodies(draw, honest: Honest) -> tuple[str, bytes]:
     kind = draw(st.sampled_from([  # metadata and raw header edits weigh more: more cases
         "bits", "truncate", "append", "length", "dtype", "shape", "offsets", "extra",
         "missing", "rename", "entry", "metadata-type", "value", "random",
-        *["metadata"] * 4, *["raw"] * 2]))
+        *["metadata"] * 4, *["raw"] * 2,
+        *(["codec-values"] * 4 if any(SEP in n for n in honest.names) else [])]))
     h = copy.deepcopy(honest.header)
     data = honest.data
     body = honest.body
@@ -325,11 +332,13 @@ def _hostile_bodies(draw, honest: Honest) -> tuple[str, bytes]:
             {**h["__metadata__"], PREFIX + "note": {"nested": "x"}}]))
     elif kind == "raw":
         return draw(raw_header_edits(honest))
+    elif kind == "codec-values":
+        return draw(codec_value_edits(honest))
     elif kind == "value":
         out = bytearray(body)
         start = 8 + honest.header_len + h[name]["data_offsets"][0]
         count = (h[name]["data_offsets"][1] - h[name]["data_offsets"][0]) // 4
-        at = start + 4 * draw(st.integers(0, count - 1))
+        at = start + 4 * draw(st.integers(0, max(count, 1) - 1))
         bad = draw(st.sampled_from([b"\x00\x00\xc0\x7f", b"\x00\x00\xc0\xff", b"\x01\x00\x80\x7f",
                                     b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"]))
         out[at:at + 4] = bad  # quiet NaN, -NaN, signalling NaN, +Inf, -Inf
@@ -381,6 +390,42 @@ def raw_header_edits(draw, honest: Honest) -> tuple[str, bytes]:
     return f"raw:{edit}", pack(text, honest.data)
 
 
+@st.composite
+def codec_value_edits(draw, honest: Honest) -> tuple[str, bytes]:
+    """A compressed update with well-formed layout and bad values: top-k indices repeated,
+    out of order or out of bounds, int8 values of -128, scales NaN, infinite or negative."""
+    from safetensors.torch import load
+
+    wire = load(honest.body)
+    meta = {k.removeprefix(PREFIX): v for k, v in honest.header["__metadata__"].items()
+            if k != PREFIX + "codec"}
+    codec = parse_codec(honest.header["__metadata__"][PREFIX + "codec"])
+    name = draw(st.sampled_from(honest.names))
+    t = wire[name].clone()
+    assume(t.numel() > 0)
+    at = draw(st.integers(0, t.numel() - 1))
+    flat = t.view(-1)
+    if name.endswith(SEP + "idx"):
+        edit = draw(st.sampled_from(["repeat", "reverse", "past the end", "negative"]))
+        assume(edit in ("past the end", "negative") or t.numel() > 1)
+        if edit == "repeat":
+            flat[max(at, 1)] = flat[max(at, 1) - 1]
+        elif edit == "reverse":
+            flat.copy_(flat.flip(0))
+        else:
+            flat[at] = 10**9 if edit == "past the end" else -1
+    elif t.dtype == torch.int8:
+        edit = "-128"
+        flat[at] = -128
+    else:
+        edit = draw(st.sampled_from(["nan", "inf", "negative"]))
+        flat[at] = {"nan": math.nan, "inf": math.inf, "negative": -1.0}[edit]
+    wire[name] = t
+    out = io.BytesIO()
+    write_payload(out, wire, meta, codec)
+    return f"codec-values:{name}:{edit}", out.getvalue()
+
+
 def feed_in_chunks(receiver: UploadReceiver, body: bytes, head_chunk: int,
                    head_len: int) -> None:
     """The first `head_len` bytes (length and header) in pieces of `head_chunk`, then 1 MiB."""
@@ -404,18 +449,33 @@ class World:
     honest: Honest
 
 
+def _world(tmp_path_factory, uplink_codec: str = "fp32") -> Iterator[World]:
+    kit = Kit()
+    root = tmp_path_factory.mktemp("hostile") / "hub"
+    setup = kit.make_hub(root, rounds=2, clients=CLIENTS, uplink_codec=uplink_codec)
+    hub = Hub.open(root, serve=True)
+    http = kit.test_client(hub)
+    sent = kit.participate(http, "alice", setup.tokens["alice"], upload=False)
+    body = sent.body
+    if uplink_codec != "fp32":  # the same update and metadata, in the federation's codec
+        header = Honest.of(body).header["__metadata__"]
+        meta = {k.removeprefix(PREFIX): v for k, v in header.items() if k != PREFIX + "codec"}
+        body = encode_payload(sent.deltas, meta, parse_codec(uplink_codec))
+    yield World(root, hub, http, setup.tokens, Honest.of(body))
+    hub.close()
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[World]:
     """A serving tiny hub (method full) with round 1 open for alice and bob, nobody reported;
     alice's honest delta prepared but not sent."""
-    kit = Kit()
-    root = tmp_path_factory.mktemp("hostile") / "hub"
-    setup = kit.make_hub(root, rounds=2, clients=CLIENTS)
-    hub = Hub.open(root, serve=True)
-    http = kit.test_client(hub)
-    sent = kit.participate(http, "alice", setup.tokens["alice"], upload=False)
-    yield World(root, hub, http, setup.tokens, Honest.of(sent.body))
-    hub.close()
+    yield from _world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def compressed_world(tmp_path_factory) -> Iterator[World]:
+    """The same with uplink codec topk:0.05+int8: alice's honest update is in that codec."""
+    yield from _world(tmp_path_factory, "topk:0.05+int8")
 
 
 def assert_nothing_kept(w: World) -> None:
@@ -624,13 +684,16 @@ def test_numbers_too_long_for_int_in_headers_are_no_500(world):
     assert_nothing_kept(world)
 
 
-def test_the_receiver_accepts_only_valid_deltas(world):
+@pytest.mark.parametrize(("which", "examples"), [("world", 160), ("compressed_world", 80)])
+def test_the_receiver_accepts_only_valid_deltas(request, which, examples):
     """Mutations and random bytes into the streaming receiver, with any chunking: a refusal
-    is a HubError with an upload code (no other exception), an acceptance is a valid delta."""
+    is a HubError with an upload code (no other exception), an acceptance is a valid delta
+    (an fp32 one, or one in the federation's top-k+int8 uplink codec)."""
+    world = request.getfixturevalue(which)
     hub = world.hub
     tally = {"accepted": 0, "refused": 0}
 
-    @settings(max_examples=160, deadline=None, database=None, suppress_health_check=FAST)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=FAST)
     @given(mutation=hostile_bodies(world.honest),
            head_chunk=st.sampled_from([1, 3, 8, 9, 4096, 1 << 16, 1 << 20]))
     def run(mutation, head_chunk) -> None:
@@ -660,13 +723,56 @@ def test_the_receiver_accepts_only_valid_deltas(world):
     assert_nothing_kept(world)
 
 
-def test_the_upload_endpoint_refuses_malformed_bodies_cleanly(world):
+T = "downs.0.0.ds_conv.weight"  # a parameter of the tiny model
+
+
+@pytest.mark.parametrize(("label", "edit"), [
+    ("a repeated top-k index", lambda w: w[T + "::idx"].__setitem__(1, w[T + "::idx"][0])),
+    ("a top-k index past the end", lambda w: w[T + "::idx"].__setitem__(-1, 10**6)),
+    ("an int8 value of -128", lambda w: w[T + "::val"].__setitem__(0, -128)),
+    ("a NaN scale", lambda w: w[T + "::scale"].__setitem__(0, math.nan)),
+    ("one index too few", lambda w: w.__setitem__(T + "::idx", w[T + "::idx"][:-1])),
+    ("int64 indices", lambda w: w.__setitem__(T + "::idx", w[T + "::idx"].to(torch.int64))),
+    ("fp32 values where the codec has int8",
+     lambda w: w.__setitem__(T + "::val", w[T + "::val"].to(torch.float32))),
+])
+def test_a_bad_compressed_update_is_a_422_and_changes_nothing(compressed_world, label, edit):
+    from safetensors.torch import load
+
+    w = compressed_world
+    assert T + "::idx" in w.honest.names
+    wire = load(w.honest.body)
+    edit(wire)
+    meta = {k.removeprefix(PREFIX): v for k, v in w.honest.header["__metadata__"].items()
+            if k != PREFIX + "codec"}
+    out = io.BytesIO()
+    write_payload(out, wire, meta, parse_codec("topk:0.05+int8"))
+    before = blob_names(w.root)
+    r = w.http.put(f"{A}/rounds/1/update", content=out.getvalue(),
+                   headers={"Authorization": f"Bearer {w.tokens['alice']}"})
+    code = assert_error_body(r.status_code, r.headers.get("content-type"), r.content, label)
+    assert code == ErrorCode.INVALID_UPLOAD, (label, r.text)
+    assert w.hub.store.uploads(1) == [] and blob_names(w.root) == before
+    assert temp_files(w.root) == []
+    # an fp32 update is not what this federation takes either (and more than its cap)
+    shapes = w.hub.prepare_upload("alice", 1).expected_shapes
+    decoded, _ = decode_payload(w.honest.body, parse_codec("topk:0.05+int8"), shapes)
+    r = w.http.put(f"{A}/rounds/1/update", content=encode_tensors(decoded, meta),
+                   headers={"Authorization": f"Bearer {w.tokens['alice']}"})
+    assert assert_error_body(r.status_code, r.headers.get("content-type"), r.content
+                             ) == ErrorCode.TOO_LARGE
+    assert w.hub.store.uploads(1) == [] and temp_files(w.root) == []
+
+
+@pytest.mark.parametrize(("which", "examples"), [("world", 50), ("compressed_world", 30)])
+def test_the_upload_endpoint_refuses_malformed_bodies_cleanly(request, which, examples):
     """The same mutations over HTTP (the ones the reference reading refuses), with a right,
     wrong or path-like X-Content-SHA256: a JSON 4xx each time, nothing kept; then the honest
     upload is taken and is the only one recorded."""
+    world = request.getfixturevalue(which)
     auth = {"Authorization": f"Bearer {world.tokens['alice']}"}
 
-    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=FAST)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=FAST)
     @given(mutation=hostile_bodies(world.honest),
            declared=st.sampled_from(["right", "wrong", "none", "../../escaped"]))
     def run(mutation, declared) -> None:

@@ -54,11 +54,15 @@ def hub_globals(fed: Federation) -> dict[int, dict[str, torch.Tensor]]:
             for r, v in enumerate([*versions, final], start=1)}
 
 
-@pytest.mark.parametrize("method", ["full", "usplit", "udec"])
+@pytest.mark.parametrize(("method", "codecs"), [
+    ("full", ("fp32", "fp32")), ("usplit", ("fp32", "fp32")), ("udec", ("fp32", "fp32")),
+    # top-k + int8 uploads with error feedback, int8 updates downloaded and applied
+    ("usplit", ("topk:0.05+int8", "int8"))],
+    ids=["full", "usplit", "udec", "usplit-topk+int8-up-int8-down"])
 def test_simulate_and_a_real_federation_give_the_same_models_round_by_round(
-        method, tmp_path, folders):
+        method, codecs, tmp_path, folders):
     fed = Federation(tmp_path / "fed", folders, method=method, clients=CLIENTS, rounds=ROUNDS,
-                     seed=7, batch_size=8)
+                     seed=7, batch_size=8, uplink_codec=codecs[0], downlink_codec=codecs[1])
     try:
         fed.start_hub()
         recipe = recipe_from_training(first_manifest(fed).training)  # what the clients train
@@ -77,7 +81,8 @@ def test_simulate_and_a_real_federation_give_the_same_models_round_by_round(
         report = run_simulation(
             SimulationConfig(preset="tiny", method=method, rounds=ROUNDS, local_epochs=1,
                              seed=7, client_folders=str(folders), out=str(tmp_path / "sim"),
-                             device="cpu", sample_count=0),
+                             device="cpu", sample_count=0, uplink_codec=codecs[0],
+                             downlink_codec=codecs[1]),
             log=lambda _m: None, recipe=recipe,
             on_round=lambda r, g: simulated.__setitem__(r, {n: t.clone() for n, t in g.items()}))
     finally:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import httpx
 import torch
 
+from feddiffuse.shared.codecs import decode_payload, parse_codec
 from feddiffuse.shared.methods import plan_round
 from feddiffuse.shared.model import build_unet, count_parameters, segment_map
 from feddiffuse.shared.protocol import (
@@ -30,7 +31,7 @@ from feddiffuse.shared.protocol import (
     UploadReceipt,
 )
 from feddiffuse.shared.rounds import RoundState
-from feddiffuse.shared.wire import decode_tensors, encode_tensors, read_metadata_value
+from feddiffuse.shared.wire import encode_tensors, read_metadata_value
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ReceivedUpload:
     segments: tuple[str, ...]
     metadata: dict[str, str]
     num_samples: int
+    body: bytes = field(default=b"", repr=False)
 
 
 @dataclass
@@ -72,8 +74,9 @@ def _error(status: int, code: ErrorCode, message: str) -> httpx.Response:
 class FakeHub:
     def __init__(self, *, method: str = "full", clients: tuple[str, ...] = ("client-a",),
                  rounds: int = 2, local_epochs: int = 1, batch_size: int = 8,
-                 preset: str = "tiny", seed: int = 0) -> None:
+                 preset: str = "tiny", seed: int = 0, uplink_codec: str = "fp32") -> None:
         self.method = method
+        self.uplink_codec = uplink_codec
         self.rounds = rounds
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -133,7 +136,8 @@ class FakeHub:
                         training=TrainingSettings(local_epochs=self.local_epochs,
                                                   batch_size=self.batch_size, lr=1e-3,
                                                   seed=hash(client_id) % 1000 + self.round),
-                        retry_after_s=0.01 if phase == RoundPhase.REPORTED else None)
+                        retry_after_s=0.01 if phase == RoundPhase.REPORTED else None,
+                        uplink_codec=self.uplink_codec)
 
     def info(self) -> FederationInfo:
         params = dict(self.counts["segments"])
@@ -228,7 +232,7 @@ class FakeHub:
             return _error(409, ErrorCode.CONFLICT, "already reported")
         expected = self.state.expected_upload_shapes(client_id)
         try:
-            tensors, meta = decode_tensors(body, expected)
+            tensors, meta = decode_payload(body, parse_codec(self.uplink_codec), expected)
         except Exception as exc:  # noqa: BLE001 - the fake reports any decoding problem
             return _error(422, ErrorCode.INVALID_UPLOAD, str(exc))
         if read_metadata_value(meta, "base_version") != self.version:
@@ -236,7 +240,7 @@ class FakeHub:
         num = int(read_metadata_value(meta, "num_samples") or 0)
         segments = tuple(read_metadata_value(meta, "segments").split(","))
         self.uploads.append(ReceivedUpload(client_id, round_index, set(tensors), segments,
-                                           dict(meta), num))
+                                           dict(meta), num, body))
         self.state.accept(client_id, tensors, num, len(body))
         receipt = UploadReceipt(round=round_index, client_id=client_id,
                                 sha256=hashlib.sha256(body).hexdigest(), segments=list(segments),

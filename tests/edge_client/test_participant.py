@@ -241,3 +241,34 @@ def test_auto_device_trains_and_samples_where_select_device_says(tmp_path, quick
     result = sample_grid(a.store, 4, 2, tmp_path / "grid.png", device="auto")
     assert result.path.is_file() and result.images.shape == (4, 1, 28, 28)
     assert "with this client's own encoder" in result.description
+
+
+@pytest.mark.parametrize("interruption", ["cancelled in round 2", "receipt of round 1 lost"])
+def test_error_feedback_survives_interruptions_bit_for_bit(interruption, tmp_path,
+                                                           quick_backoff):
+    """Top-k uploads carry what earlier rounds left out (error feedback). The residual lives
+    with the round's work until the hub holds the upload, so a round resumed after a stop, or
+    an upload whose receipt was lost, leaves the client uploading exactly the bytes of an
+    undisturbed run."""
+    def federation(folder, disturb: bool) -> list[bytes]:
+        hub = FakeHub(method="full", clients=("client-a", "client-b"), rounds=2,
+                      local_epochs=2, uplink_codec="topk:0.05")
+        a = Client(hub, "client-a", folder, quick_backoff)
+        b = Client(hub, "client-b", folder, quick_backoff)
+        if disturb and interruption == "receipt of round 1 lost":
+            hub.faults.lose_upload_response = 1  # the hub holds it; the client learns later
+        assert a.run().rounds_done == [1]
+        assert a.store.residual_path.is_file()  # what round 1 did not send
+        assert b.run().rounds_done == [1]
+        if disturb and interruption == "cancelled in round 2":
+            stop = threading.Event()
+            with pytest.raises(Cancelled):
+                a.run(stop=stop, emit=lambda e, s=stop: isinstance(e, ev.EpochEvent) and s.set())
+        assert a.run().rounds_done == [2]
+        return [u.body for u in hub.uploads if u.client_id == "client-a"]
+
+    undisturbed = federation(tmp_path / "calm", disturb=False)
+    disturbed = federation(tmp_path / "disturbed", disturb=True)
+    assert len(undisturbed) == 2 and disturbed == undisturbed
+    # the feedback is real: round 2's update is not what top-k of its own delta would be
+    assert undisturbed[0] != undisturbed[1]

@@ -86,10 +86,12 @@ class Kit:
                  rounds: int = 1, local_epochs: int = 1, min_clients: int = 1,
                  timeout: float | None = None, seed: int = 0,
                  clients: tuple[str, ...] = ("alice", "bob", "carol"),
-                 recipe: str | dict | None = None) -> HubSetup:
+                 recipe: str | dict | None = None, uplink_codec: str = "fp32",
+                 downlink_codec: str = "fp32") -> HubSetup:
         settings = FederationSettings(name="test", preset=preset, method=method, rounds=rounds,
                                       local_epochs=local_epochs, min_clients=min_clients,
                                       round_timeout_s=timeout, seed=seed,
+                                      uplink_codec=uplink_codec, downlink_codec=downlink_codec,
                                       **({} if recipe is None else {"recipe": recipe}))
         admin, _ = init_hub(root, settings)
         return HubSetup(root, admin, {c: self.enrol(root, c) for c in clients}, settings)

@@ -102,12 +102,20 @@ def test_a_hub_made_before_recipes_opens_with_the_papers(tmp_path, kit):
         assert recipe == replace(PAPER, lr=0.0005, batch_size=16)
         assert hub.store.federation().sample_version is None
     db = sqlite3.connect(setup.root / "hub.sqlite3")
-    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("4",)
     db.close()
 
 
+def _back_to_schema_3(db: sqlite3.Connection) -> None:
+    """Undo schema 4: no codecs."""
+    db.execute("ALTER TABLE federation DROP COLUMN uplink_codec")
+    db.execute("ALTER TABLE federation DROP COLUMN downlink_codec")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+
+
 def _back_to_schema_2(db: sqlite3.Connection) -> None:
-    """Undo schema 3: no removed participants, one row per download."""
+    """Undo schemas 4 and 3: no codecs, no removed participants, one row per download."""
+    _back_to_schema_3(db)
     db.execute("ALTER TABLE participants DROP COLUMN removed_at")
     db.execute("ALTER TABLE participants DROP COLUMN removed_reason")
     db.execute("DROP TABLE download_totals")
@@ -133,7 +141,7 @@ def test_a_schema_2_hub_keeps_its_participants_and_download_totals(tmp_path, kit
         assert [p.client for p in hub.store.participants(1)] == ["alice", "bob", "carol"]
         assert not any(p.removed for p in hub.store.participants(1))
     db = sqlite3.connect(setup.root / "hub.sqlite3")
-    assert db.execute("SELECT value FROM meta").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta").fetchone() == ("4",)
     assert db.execute("SELECT client, requests, bytes FROM download_totals ORDER BY client"
                       ).fetchall() == [("alice", 2, 150), ("bob", 1, 7)]
     db.close()
@@ -146,3 +154,13 @@ def test_an_unknown_recipe_is_refused_at_init(tmp_path, kit, bad):
     with pytest.raises(UserError):
         kit.make_hub(tmp_path / "hub", recipe=bad)
     assert not (tmp_path / "hub" / "hub.sqlite3").exists()
+
+
+def test_a_schema_3_hub_sends_fp32_both_ways(tmp_path, kit):
+    setup = kit.make_hub(tmp_path / "hub", method="full", rounds=1)
+    db = sqlite3.connect(setup.root / "hub.sqlite3")
+    _back_to_schema_3(db)
+    db.commit()
+    db.close()
+    with Hub.open(setup.root) as hub:
+        assert (hub.settings.uplink_codec, hub.settings.downlink_codec) == ("fp32", "fp32")

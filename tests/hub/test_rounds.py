@@ -258,3 +258,47 @@ def test_a_long_polled_manifest_answers_when_the_next_round_opens(tmp_path, kit)
         m = Manifest.model_validate_json(answers[0].content)
         assert m.phase == "open" and m.round == 2
         assert not hub.rounds.listeners
+
+
+def test_a_lossy_downlink_serves_the_update_the_hub_applied(tmp_path, kit):
+    """int8 downlink: the first version is the int8 initial payload decoded; round 2's
+    manifest names the version its update is from, and that update, added to the version a
+    client holds, gives the hub's new version bit for bit (udec: only the decoder is cut)."""
+    from feddiffuse.shared.codecs import decode_payload, parse_codec
+    from feddiffuse.shared.model import build_unet, segment_of
+    from feddiffuse.shared.payloads import apply_update
+
+    int8 = parse_codec("int8")
+    setup = kit.make_hub(tmp_path / "hub", method="udec", rounds=2, seed=3,
+                         clients=("alice", "bob"), downlink_codec="int8")
+    shapes = {n: tuple(p.shape) for n, p in build_unet("tiny").named_parameters()}
+    with Hub.open(setup.root, serve=True) as hub:
+        http = kit.test_client(hub)
+        auth = {"Authorization": f"Bearer {setup.tokens['alice']}"}
+        m1 = kit.manifest(http, setup.tokens["alice"])
+        assert (m1.uplink_codec, m1.downlink_codec, m1.delta_base) == ("fp32", "int8", None)
+        r = http.get(f"{A}/models/{m1.global_version}", headers=auth)
+        assert r.status_code == 200 and r.headers["x-content-sha256"] != m1.global_version
+        first, _ = decode_payload(r.content, int8, shapes)
+        hub_first = kit.blob_state(setup.root, m1.global_version)
+        assert all(torch.equal(first[n], hub_first[n]) for n in shapes)
+        for c, token in setup.tokens.items():
+            m = kit.manifest(http, token)
+            up = {n: s for n, s in shapes.items() if segment_of(n) in m.upload_segments}
+            body = kit.encode_delta(kit.delta(up, c, 1), m, 20)
+            assert http.put(f"{A}/rounds/1/update", content=body,
+                            headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        m2 = kit.manifest(http, setup.tokens["alice"])
+        assert m2.round == 2 and m2.delta_base == m1.global_version
+        decoder = {n: s for n, s in shapes.items() if segment_of(n) == "decoder"}
+        r = http.get(f"{A}/models/{m2.global_version}", headers=auth,
+                     params={"segments": "decoder", "base": m2.delta_base})
+        assert r.status_code == 200, r.text
+        update, meta = decode_payload(r.content, int8, decoder)
+        assert meta["feddiffuse.base_version"] == m1.global_version
+        moved = apply_update(first, update)
+        hub_second = kit.blob_state(setup.root, m2.global_version)
+        assert all(torch.equal(moved[n], hub_second[n]) for n in decoder)
+        for bad in ("0" * 64, "../../x", m2.global_version):
+            r = http.get(f"{A}/models/{m2.global_version}", headers=auth, params={"base": bad})
+            assert r.status_code == 404 and "download the full model" in r.json()["message"]

@@ -48,8 +48,8 @@ local_epochs = [1]
 
 
 def test_shipped_grids_load_and_every_cell_is_valid(tmp_path):
-    assert {"cpu-small", "paper-fmnist"} <= set(shipped_grids())
-    for name in ("cpu-small", "paper-fmnist"):
+    assert {"cpu-small", "paper-fmnist", "codec-frontier"} <= set(shipped_grids())
+    for name in ("cpu-small", "paper-fmnist", "codec-frontier"):
         spec, text, path = load_grid(name)
         assert spec.name == name and path.suffix == ".toml" and text
         cells = grid_cells(spec)
@@ -219,3 +219,39 @@ def test_tiny_grid_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     grid.write_text(TINY_GRID.replace("limit = 64", "limit = 48"))
     clash = runner.invoke(app, ["experiment", str(grid), "--out", str(out)])
     assert clash.exit_code == 2 and "was run with other settings" in clash.output
+
+
+def test_a_codec_sweep_gives_cells_a_frontier_table_and_plot(tmp_path):
+    from feddiffuse.shared.experiment_plots import codec_frontier
+    from feddiffuse.shared.experiment_report import markdown, reference_rows
+
+    grid = TINY_GRID.replace('local_epochs = [1]', 'local_epochs = [1]\ncodecs = ["fp32", '
+                             '"topk:0.050+int8/int8"]').replace('["full", "udec"]', '["full"]')
+    spec = parse_grid(grid)
+    cells = [c for c in grid_cells(spec) if not c.centralised]
+    assert [c.id for c in cells] == ["full-k2-iid-e1-fp32-r0",
+                                     "full-k2-iid-e1-topk0.05+int8-down-int8-r0"]
+    config = cell_config(spec, cells[1], tmp_path)
+    assert (config.uplink_codec, config.downlink_codec) == ("topk:0.05+int8", "int8")
+    with pytest.raises(UserError, match="Unknown codec 'fp16'"):
+        grid_cells(parse_grid(grid.replace('"fp32", ', '"fp16", ')))
+
+    def row(cell, method, codecs, nbytes, fd):
+        return {"cell": cell, "method": method, "clients": 2, "split": "iid",
+                "local_epochs": 1, "rounds": 1, "group_epochs": 1, "epochs": 1, "repeat": 0,
+                "seed": 3, "protocol": "product", "images": 64, "eval_samples": 8,
+                "codecs": codecs, "headline": "one model", "fd_fmnist": fd,
+                "fd_fmnist_real_vs_real": 1.0, "fd_fmnist_worst_client": None,
+                "total_params": 10, "total_bytes": nbytes}
+
+    rows = [row("centralised-e1-r0", "centralised", "fp32/fp32", 0, 5.0),
+            row(cells[0].id, "full", "fp32/fp32", 4_000_000, 6.0),
+            row(cells[1].id, "full", "topk:0.05+int8/int8", 400_000, 7.0)]
+    assert [r["cell"] for r in reference_rows(rows)] == ["centralised-e1-r0", cells[0].id]
+    md = markdown(spec, rows, ["fd_fmnist"])
+    assert "## Codec frontier" in md
+    assert "| full | 2, iid | topk:0.05+int8/int8 | 0.40 | 0.100 | 7" in md
+    assert "| 2, iid | 6" in md  # the per-method table holds the fp32 cell only
+    png = codec_frontier(rows, "fd_fmnist", tmp_path / "fd-vs-bytes.png")
+    assert png is not None and png.stat().st_size > 0
+    assert codec_frontier(rows[:2], "fd_fmnist", tmp_path / "none.png") is None

@@ -86,3 +86,17 @@ def test_round_finalize_applies_the_mean_delta_and_closes():
     assert res.missing == [] and res.participants == ["c0", "c1"]
     with pytest.raises(RoundError, match="closed"):
         state.accept("c0", {}, 1, 1)
+
+
+def test_comm_with_codecs_reports_bytes_against_full_fp32():
+    res = CliRunner().invoke(app, ["comm", "--preset", "tiny", "--clients", "2", "--rounds",
+                                   "3", "--uplink-codec", "topk:0.01+int8", "--downlink-codec",
+                                   "topk:0.05+int8", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["uplink_codec"] == "topk:0.01+int8"
+    assert data["total_params"] == replay_ledger("tiny", "full", 2, 3).totals()["total_params"]
+    assert data["bytes_vs_full_fp32"] == data["total_bytes"] / data["full_fp32_total_bytes"]
+    assert data["bytes_vs_full_fp32"] < 0.15  # 3 rounds: the int8 initial model dominates
+    res = CliRunner().invoke(app, ["comm", "--preset", "tiny", "--uplink-codec", "fp16"])
+    assert res.exit_code == 2 and "Unknown codec 'fp16'" in res.output

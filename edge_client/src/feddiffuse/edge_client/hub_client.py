@@ -225,8 +225,9 @@ class HubClient:
 
     def download_model(self, version: str, segments: Sequence[str], dest: Path, *,
                        on_progress: Progress | None = None,
-                       should_stop: ShouldStop | None = None) -> str:
-        """Download segments of a global version to `dest`; returns the body's sha256.
+                       should_stop: ShouldStop | None = None, base: str | None = None) -> str:
+        """Download segments of a global version to `dest`; returns the body's sha256. With
+        `base`, the update from that version instead (a lossy downlink).
 
         A cut-off download leaves `dest.part`; the next call asks for the rest with a Range
         request (If-Range on the ETag), and starts over when the hub cannot resume. When the
@@ -244,6 +245,8 @@ class HubClient:
             part.unlink()
             offset = 0
         params = {"segments": ",".join(segments)}
+        if base is not None:
+            params["base"] = base
         url = self.endpoint(f"/models/{version}")
         try:
             with self._http.stream("GET", url, params=params,

@@ -26,17 +26,16 @@ from pathlib import Path
 
 import torch
 
+from feddiffuse.shared.codecs import CodecError, decode_payload, parse_codec, payload_codec
 from feddiffuse.shared.data import load_image_folder
 from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.errors import DataNotFoundError, UserError, WireFormatError
 from feddiffuse.shared.model import SEGMENTS, build_unet, get_preset, segment_map
+from feddiffuse.shared.payloads import apply_update
 from feddiffuse.shared.protocol import Manifest, RoundPhase
 from feddiffuse.shared.recipes import Recipe, recipe_from_training
 from feddiffuse.shared.training import select_device
-from feddiffuse.shared.wire import (
-    decode_tensors,
-    read_metadata_value,
-)
+from feddiffuse.shared.wire import read_header, read_metadata_value
 
 from . import events as ev
 from .backoff import Backoff, call_with_retry
@@ -266,6 +265,7 @@ class Participant:
             f"uploading the round {r} update",
             lambda: self.hub.upload_update(r, body, on_progress=progress))
         self.store.update_info(last_reported_round=r, last_receipt_sha256=receipt.sha256)
+        self.store.commit_residual(round_dir)
         self.store.clear_rounds()
         self.emit(ev.UploadedEvent(r, segments, receipt))
         self.emit(ev.LogEvent(f"Round {r}: uploaded {', '.join(segments)} "
@@ -277,6 +277,7 @@ class Participant:
         if not (round_dir / "upload.safetensors").is_file():
             return False
         self.store.update_info(last_reported_round=manifest.round)
+        self.store.commit_residual(round_dir)
         self.store.clear_rounds()
         self.emit(ev.LogEvent(f"Round {manifest.round}: the hub already has this client's "
                               "update (its receipt was lost on the way)."))
@@ -345,10 +346,19 @@ class Participant:
             return held.tensors
         expected = {n: tuple(t.shape) for n, t in build_unet(manifest.preset).named_parameters()
                     if seg_of[n] in want}
+        base = manifest.delta_base
+        if base is not None and not all(held.segment_versions.get(s) == base
+                                        and all(n in held.tensors for n in names_of[s])
+                                        for s in segments):
+            base = None  # this client lacks the version the update is from
+        what = "the update" if base is not None else "global model"
         self.emit(ev.PhaseEvent("downloading", f"{label[0].lower()}{label[1:]}: downloading "
-                                f"{', '.join(segments)} of global model {version[:12]}"))
+                                f"{', '.join(segments)} of {what} {version[:12]}"))
         tensors, dest = self._download_checked(version, segments, expected,
-                                               f"downloading global model {version[:12]}")
+                                               f"downloading {what} {version[:12]}",
+                                               manifest=manifest, base=base)
+        if base is not None:  # the very addition the hub made: the same bytes on both sides
+            tensors = apply_update(held.tensors, tensors)
         size = dest.stat().st_size
         merged = self.store.merge_global(tensors, segments, version, manifest.preset,
                                          manifest.round)
@@ -359,20 +369,40 @@ class Participant:
         return merged.tensors
 
     def _download_checked(self, version: str, segments: tuple[str, ...],
-                          expected: dict[str, tuple[int, ...]], what: str
+                          expected: dict[str, tuple[int, ...]], what: str,
+                          manifest: Manifest | None = None, base: str | None = None
                           ) -> tuple[dict[str, torch.Tensor], Path]:
-        """Download (resumably, with retries) and decode `segments` of `version`, checking
-        names, shapes and the version the file names; a corrupt file is deleted and fetched
-        again. Returns the tensors and the file."""
-        dest = self.store.download_path(version, segments)
+        """Download (resumably, with retries) and decode `segments` of `version` (with
+        `base`: the update from it), checking the codec, names, shapes and the versions the
+        file names; a corrupt file is deleted and fetched again. Returns the tensors and the
+        file."""
+        dest = self.store.download_path(version, segments, base)
         progress = self._progress("download")
+        allowed = {"fp32"}
+        if manifest is not None:
+            try:
+                downlink = parse_codec(manifest.downlink_codec)
+            except CodecError:
+                raise SetupError(f"The hub sends models in codec {manifest.downlink_codec!r}, "
+                                 "which this client does not know; upgrade "
+                                 "feddiffuse-client.") from None
+            allowed = {downlink.name} if base is not None else {"fp32",
+                                                                 downlink.dense_form.name}
 
         def fetch() -> dict[str, torch.Tensor]:
             if not dest.is_file():
                 self.hub.download_model(version, segments, dest, on_progress=progress,
-                                        should_stop=self.stop.is_set)
+                                        should_stop=self.stop.is_set, base=base)
             try:
-                tensors, meta = decode_tensors(dest.read_bytes(), expected)
+                data = dest.read_bytes()
+                header, _ = read_header(data)
+                declared = payload_codec(header.get("__metadata__") or {})
+                if declared not in allowed:
+                    raise WireFormatError(f"it is in codec {declared!r}, expected "
+                                          f"{' or '.join(sorted(allowed))}")
+                tensors, meta = decode_payload(data, parse_codec(declared), expected)
+                if base is not None and read_metadata_value(meta, "base_version") != base:
+                    raise WireFormatError("it is not the update from the version held here")
             except WireFormatError as exc:
                 dest.unlink(missing_ok=True)
                 raise DownloadCorrupt(f"the downloaded model is not valid ({exc})") from exc

@@ -10,6 +10,7 @@ and, at the end, `upload.safetensors` (the delta of the upload segments).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -22,16 +23,18 @@ from pathlib import Path
 
 import torch
 
+from feddiffuse.shared.codecs import CodecError, compress_with_feedback, parse_codec, write_payload
 from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import build_unet, segment_map
+from feddiffuse.shared.payloads import upload_metadata
 from feddiffuse.shared.protocol import Manifest
 from feddiffuse.shared.recipes import Recipe, update_ema
 from feddiffuse.shared.training import EpochReport, TrainConfig, train_local
-from feddiffuse.shared.wire import atomic_write_bytes, encode_tensors, load_weights, save_weights
+from feddiffuse.shared.wire import atomic_write_bytes, load_weights, save_weights
 
 from . import events as ev
-from .errors import Cancelled, DownloadCorrupt
+from .errors import Cancelled, DownloadCorrupt, SetupError
 from .state import HubFolder
 
 # Test hook (documented in the README of the tests): exit the process at once, as a crash
@@ -143,14 +146,31 @@ class RoundWork:
         self._keep_local_state(trained, seg_of, personal_segs)
         upload = set(m.upload_segments)
         delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
-        meta: dict[str, object] = {
-            "kind": "delta", "preset": m.preset, "round": r, "base_version": m.global_version,
-            "num_samples": int(images.shape[0]), "segments": ",".join(m.upload_segments),
-        }
-        mean_loss = record.mean_loss()
-        if mean_loss is not None:
-            meta["mean_loss"] = f"{mean_loss:.6g}"
-        atomic_write_bytes(upload_path, encode_tensors(delta, meta))
+        meta = upload_metadata(m.preset, r, m.global_version, int(images.shape[0]),
+                               ",".join(m.upload_segments), record.mean_loss())
+        self._write_upload(delta, meta, upload_path)
+
+    def _write_upload(self, delta: dict[str, torch.Tensor], meta: dict[str, object],
+                      upload_path: Path) -> None:
+        """Encode the update in the uplink codec, adding what earlier lossy uploads left out
+        (error feedback). The residual this upload leaves is kept in the round's folder until
+        the hub holds the upload (`HubFolder.commit_residual`), so a round redone after a
+        crash starts from the same residual and uploads the same bytes."""
+        try:
+            codec = parse_codec(self.manifest.uplink_codec)
+        except CodecError:
+            raise SetupError(f"The hub asks for uplink codec {self.manifest.uplink_codec!r}, "
+                             "which this client does not know; upgrade "
+                             "feddiffuse-client.") from None
+        residual = self.store.load_residual()
+        wire, left = compress_with_feedback(delta, residual, codec)
+        if left:
+            save_weights(self.round_dir / "residual.safetensors", {**residual, **left}, {
+                "kind": "residual", "preset": self.manifest.preset,
+                "round": self.manifest.round})
+        buffer = io.BytesIO()
+        write_payload(buffer, wire, meta, codec)
+        atomic_write_bytes(upload_path, buffer.getvalue())
 
     # -- where training starts ----------------------------------------------------------------
 

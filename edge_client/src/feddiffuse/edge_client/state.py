@@ -287,6 +287,21 @@ class HubFolder:
                                                        "preset": preset, "round": round_index})
 
     @property
+    def residual_path(self) -> Path:
+        """Error feedback: what this client's lossy uploads have not sent yet."""
+        return self.root / "residual.safetensors"
+
+    def load_residual(self) -> dict[str, torch.Tensor]:
+        return self._read(self.residual_path)[0]
+
+    def commit_residual(self, round_dir: Path) -> None:
+        """Make the residual left by the upload of `round_dir` the one the next round adds
+        (once the hub holds that upload; a refused one leaves the older residual)."""
+        path = round_dir / "residual.safetensors"
+        if path.is_file():
+            os.replace(path, self.residual_path)
+
+    @property
     def optimizer_path(self) -> Path:
         return self.root / "optimizer.safetensors"
 
@@ -314,7 +329,7 @@ class HubFolder:
         previous = self.root / "previous" / _now().replace(":", "")
         previous.mkdir(parents=True, exist_ok=True)
         for path in (self.global_path, self.personal_path, self.rounds_dir, self.sample_path,
-                     self.personal_ema_path, self.optimizer_path):
+                     self.personal_ema_path, self.optimizer_path, self.residual_path):
             if path.exists():
                 os.replace(path, previous / path.name)
         self.clear_downloads()
@@ -324,8 +339,10 @@ class HubFolder:
 
     # -- downloads ----------------------------------------------------------------------------
 
-    def download_path(self, version: str, segments: tuple[str, ...] | list[str]) -> Path:
-        return self.downloads_dir / f"{version[:16]}-{'+'.join(segments)}.safetensors"
+    def download_path(self, version: str, segments: tuple[str, ...] | list[str],
+                      base: str | None = None) -> Path:
+        since = f"-from-{base[:16]}" if base is not None else ""
+        return self.downloads_dir / f"{version[:16]}-{'+'.join(segments)}{since}.safetensors"
 
     def clear_downloads(self, keep: Path | None = None) -> None:
         if not self.downloads_dir.is_dir():

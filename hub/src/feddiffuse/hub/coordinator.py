@@ -152,8 +152,9 @@ class Hub:
 
     # -- downloads and uploads --------------------------------------------------------------
 
-    def model_file(self, version: str, segments: str | None) -> ServedFile:
-        return self.downloads.model_file(version, segments)
+    def model_file(self, version: str, segments: str | None, base: str | None = None
+                   ) -> ServedFile:
+        return self.downloads.model_file(version, segments, base)
 
     def prepare_upload(self, client: str, round_index: int) -> UploadTicket:
         return self.uploads.prepare(client, round_index)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from feddiffuse.shared.codecs import FP32, Codec, data_bytes, header_entries
 from feddiffuse.shared.model import SEGMENTS, segment_of
-from feddiffuse.shared.wire import MAX_HEADER_BYTES, check_layout, payload_bytes, read_header
+from feddiffuse.shared.wire import MAX_HEADER_BYTES, check_layout, read_header
 
 # A delta's metadata (keys, round, sha256 of the base, counts) fits in this; what the hub
 # allows an upload's header beyond the size of the header it would write itself.
@@ -63,14 +64,16 @@ class ModelLayout:
         segs = canonical_segments(self.segment_of[n] for n in names)
         return segs if set(self.names_for(segs)) == names else None
 
-    def header_limit(self, segments: Iterable[str]) -> int:
-        """The largest header the hub accepts for an upload of `segments`."""
+    def header_limit(self, segments: Iterable[str], codec: Codec = FP32) -> int:
+        """The largest header the hub accepts for an upload of `segments` under `codec`."""
         names = self.names_for(segments)
-        # An entry is '"name":{"dtype":"F32","shape":[...],"data_offsets":[a,b]},'.
+        # An entry is '"name":{"dtype":"F32","shape":[...],"data_offsets":[a,b]},'; a codec
+        # writes up to three per parameter ("name::idx" and so on).
         estimate = sum(len(n) + 60 + 12 * len(self.shapes[n]) + 2 * 12 for n in names)
-        return min(MAX_HEADER_BYTES, estimate + HEADER_SLACK)
+        return min(MAX_HEADER_BYTES, estimate * header_entries(codec) + HEADER_SLACK)
 
-    def upload_cap(self, segments: Iterable[str]) -> int:
+    def upload_cap(self, segments: Iterable[str], codec: Codec = FP32) -> int:
         """The largest upload body the hub reads for `segments`: exact data plus the header."""
         segments = list(segments)
-        return payload_bytes(self.params_for(segments), self.header_limit(segments))
+        return (8 + self.header_limit(segments, codec)
+                + data_bytes(self.shapes_for(segments), codec))

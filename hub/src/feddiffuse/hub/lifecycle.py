@@ -365,8 +365,10 @@ class RoundLifecycle:
         s = self.settings
         started = time.perf_counter()
         r = row.round
+        delta = None
         if self.store.uploads(r):
-            version, size, count = replay_round(self.store, self.blobs, self.layout, s, row)
+            version, size, count, delta = replay_round(self.store, self.blobs, self.layout, s,
+                                                       row)
             sample = self._update_sample_model(version, r + 1)
         else:  # closed with no report: nothing learned, the global (and its EMA) stay
             base = self.store.version(row.base_version)
@@ -391,7 +393,8 @@ class RoundLifecycle:
             self.store.publish(r, VersionRow(version, r + 1, size, now), now, finished,
                                planned, events,
                                None if sample is None
-                               else VersionRow(sample[0], r + 1, sample[1], now))
+                               else VersionRow(sample[0], r + 1, sample[1], now),
+                               () if delta is None else (delta,))
         for e in events:
             log.info(e.message)
         if planned is not None:

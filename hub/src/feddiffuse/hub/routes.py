@@ -140,13 +140,16 @@ def download_model(
     version: Annotated[str, Path(description="sha256 of the global model")],
     segments: Annotated[str | None, Query(
         description=f"comma separated, of {', '.join(SEGMENTS)}; all when absent")] = None,
+    base: Annotated[str | None, Query(
+        description="a version the caller holds: send the update from it to this version, "
+                    "in the federation's downlink codec")] = None,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_range: Annotated[str | None, Header(alias="If-Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
     """A global model version, or some of its segments, as safetensors."""
     hub = get_hub(request)
-    served = hub.model_file(version, segments)
+    served = hub.model_file(version, segments, base)
     if etag_matches(if_none_match, served.etag):
         return not_modified(served)
     byte_range = requested_range(range_header, if_range, served.etag, served.size)

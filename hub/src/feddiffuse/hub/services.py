@@ -10,7 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from feddiffuse.shared.model import SEGMENTS
+from feddiffuse.shared.payloads import delta_metadata, segment_metadata, wire_subset
 from feddiffuse.shared.protocol import ErrorCode, UploadReceipt
 
 from .blobs import BlobStore, is_sha256
@@ -36,7 +39,15 @@ from .tokens import (
     revoke_client_token,
 )
 from .uploads import ReceivedUpload, UploadTicket
-from .weights import ALL_KEY, load_verified, single_threaded_torch, write_blob
+from .weights import (
+    ALL_KEY,
+    DENSE_KEY,
+    delta_key,
+    load_verified,
+    single_threaded_torch,
+    write_blob,
+    write_encoded_blob,
+)
 
 log = logging.getLogger("feddiffuse.hub")
 
@@ -110,7 +121,8 @@ class DownloadService:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
 
-    def model_file(self, version: str, segments: str | None) -> ServedFile:
+    def model_file(self, version: str, segments: str | None, base: str | None = None
+                   ) -> ServedFile:
         if not is_sha256(version) or (row := self.store.version(version)) is None:
             raise HubError(ErrorCode.NOT_FOUND, f"there is no global version {version[:80]!r}")
         try:
@@ -120,11 +132,49 @@ class DownloadService:
             raise HubError(ErrorCode.BAD_REQUEST,
                            f"{exc}; segments are {', '.join(SEGMENTS)}") from None
         key = ",".join(segs or SEGMENTS)
+        if base is not None:
+            return self._update_file(row, key, base)
         if key == ALL_KEY:
+            dense = self.store.segment_file(version, DENSE_KEY)
+            if dense is not None:  # the initial model, in the downlink codec's dense form
+                return ServedFile(self.blobs.path(dense.sha256), dense.bytes, dense.sha256,
+                                  version, key)
             return ServedFile(self.blobs.path(version), row.bytes, version, version, key)
         seg_row = self.store.segment_file(version, key) or self.build_segment_file(row, key)
         return ServedFile(self.blobs.path(seg_row.sha256), seg_row.bytes, seg_row.sha256,
                           version, key)
+
+    def _update_file(self, row: VersionRow, key: str, base: str) -> ServedFile:
+        """The update from `base` to `row`'s version for segments `key`, in the downlink
+        codec (cut from the whole update on first use)."""
+        whole = (self.store.segment_file(row.version, delta_key(ALL_KEY, base))
+                 if is_sha256(base) else None)
+        if whole is None:
+            raise HubError(ErrorCode.NOT_FOUND, f"there is no update from {base[:80]!r} to "
+                           f"{row.version[:12]}...; download the full model (no base)")
+        full_key = delta_key(key, base)
+        if key == ALL_KEY:
+            part = whole
+        else:
+            with self._build_lock:
+                part = self.store.segment_file(row.version, full_key) or self._cut_update(
+                    row, key, base, whole)
+        return ServedFile(self.blobs.path(part.sha256), part.bytes, part.sha256, row.version,
+                          full_key)
+
+    def _cut_update(self, row: VersionRow, key: str, base: str, whole: SegmentFileRow
+                    ) -> SegmentFileRow:
+        if self.blobs.hash_file(whole.sha256) != whole.sha256:
+            raise RuntimeError(f"blob {whole.sha256[:12]}... is damaged on disk")
+        wire = load_file(self.blobs.path(whole.sha256))  # safetensors: never unpickled
+        names = self.layout.names_for(key.split(","))
+        sha, size = write_encoded_blob(
+            self.blobs, wire_subset(wire, names),
+            delta_metadata(self.settings.preset, row.round, row.version, base, key),
+            self.settings.links.downlink)
+        part = SegmentFileRow(row.version, delta_key(key, base), sha, size)
+        self.store.add_segment_file(part)
+        return part
 
     def build_segment_file(self, row: VersionRow, key: str) -> SegmentFileRow:
         with self._build_lock:  # many clients ask at once: build once
@@ -134,8 +184,7 @@ class DownloadService:
             with single_threaded_torch():
                 state = load_verified(self.blobs, row.version)
             names = self.layout.names_for(key.split(","))
-            metadata = {"kind": "global", "preset": self.settings.preset, "round": row.round,
-                        "version": row.version, "segments": key}
+            metadata = segment_metadata(self.settings.preset, row.round, row.version, key)
             sha, size = write_blob(self.blobs, {n: state[n] for n in names}, metadata)
             seg_row = SegmentFileRow(row.version, key, sha, size)
             self.store.add_segment_file(seg_row)
@@ -247,13 +296,15 @@ class UploadService:
             return self._compare_ticket(existing, HubError(
                 ErrorCode.CONFLICT, f"{client} already uploaded a different update for round "
                 f"{r}; an update cannot be replaced"))
+        codec = self.settings.links.uplink
         return UploadTicket(round_index, client, self.settings.preset, row.base_version,
                             plan.upload, self.layout.shapes_for(plan.upload),
-                            self.layout.header_limit(plan.upload),
-                            self.layout.upload_cap(plan.upload))
+                            self.layout.header_limit(plan.upload, codec),
+                            self.layout.upload_cap(plan.upload, codec), codec=codec)
 
     def _compare_ticket(self, existing: UploadRow, refusal: HubError) -> UploadTicket:
-        cap = max(existing.bytes, self.layout.upload_cap(existing.segments))
+        cap = max(existing.bytes, self.layout.upload_cap(existing.segments,
+                                                         self.settings.links.uplink))
         return UploadTicket(existing.round, existing.client, self.settings.preset, "",
                             existing.segments, {}, 0, cap, existing, refusal)
 

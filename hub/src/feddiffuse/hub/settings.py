@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from feddiffuse.shared.errors import UserError
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
+
+if TYPE_CHECKING:
+    from feddiffuse.shared.payloads import LinkCodecs
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
@@ -28,6 +32,8 @@ class FederationSettings:
     # A built-in recipe's name, or (once validated, and as stored) the whole recipe as a dict,
     # so that a hub keeps training the way it was created even if a built-in one changes.
     recipe: str | dict = field(default=DEFAULT_RECIPE)
+    uplink_codec: str = "fp32"  # feddiffuse.shared.codecs: how clients encode their updates
+    downlink_codec: str = "fp32"  # how the hub sends models (lossy: updates from round 2)
 
     def validated(self) -> FederationSettings:
         """These settings with defaults resolved; raises UserError on a bad value."""
@@ -56,13 +62,23 @@ class FederationSettings:
             raise UserError("--batch-size must be at least 1.")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError("--lr must be a positive number.")
+        links = self.links
         base = (recipe_from_dict(self.recipe) if isinstance(self.recipe, dict)
                 else get_recipe(self.recipe))
         recipe = base.with_overrides(lr=self.lr, loss=self.loss, batch_size=self.batch_size)
         batch = recipe.batch_size or preset.batch_size
         recipe = replace(recipe, batch_size=batch)
         return FederationSettings(**{**asdict(self), "batch_size": batch, "lr": recipe.lr,
-                                     "loss": recipe.loss, "recipe": recipe.to_dict()})
+                                     "loss": recipe.loss, "recipe": recipe.to_dict(),
+                                     "uplink_codec": links.uplink.name,
+                                     "downlink_codec": links.downlink.name})
+
+    @property
+    def links(self) -> LinkCodecs:
+        """The codecs of both directions (UserError on an unknown name)."""
+        from feddiffuse.shared.payloads import LinkCodecs  # loads PyTorch: see `validated`
+
+        return LinkCodecs.parse(self.uplink_codec, self.downlink_codec)
 
     @property
     def training_recipe(self) -> Recipe:

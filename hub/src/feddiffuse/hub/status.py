@@ -20,6 +20,7 @@ from feddiffuse.shared.recipes import recipe_training_fields
 from .layout import ModelLayout
 from .store import CLOSING, OPEN, HubStore
 from .store.base import FederationRow, RoundRow
+from .weights import ALL_KEY, delta_key
 
 RETRY_AFTER_S = 5.0  # how soon a waiting client should ask again
 
@@ -38,7 +39,20 @@ def federation_info(fed: FederationRow, layout: ModelLayout) -> FederationInfo:
                           local_epochs=s.local_epochs, min_clients=s.min_clients,
                           round_timeout_s=s.round_timeout_s, current_round=fed.current_round,
                           finished=fed.finished, parameters=layout.parameter_counts(),
-                          recipe=s.training_recipe.name, sample_version=fed.sample_version)
+                          recipe=s.training_recipe.name, sample_version=fed.sample_version,
+                          uplink_codec=s.uplink_codec, downlink_codec=s.downlink_codec)
+
+
+def delta_base(store: HubStore, fed: FederationRow) -> str | None:
+    """The version the current one's update is sent from (a lossy downlink), if recorded."""
+    if fed.settings.downlink_codec == "fp32":
+        return None
+    last = fed.current_round if fed.finished else fed.current_round - 1
+    row = store.round(last) if last >= 1 else None
+    if row is None or row.result_version != fed.current_version:
+        return None
+    recorded = store.segment_file(fed.current_version, delta_key(ALL_KEY, row.base_version))
+    return row.base_version if recorded is not None else None
 
 
 def manifest(store: HubStore, client: str, now: float) -> Manifest:
@@ -47,7 +61,9 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
     r = fed.current_round
     common: dict[str, Any] = dict(
         federation=s.name, client_id=client, round=r, rounds=s.rounds, method=s.method,
-        preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version)
+        preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version,
+        uplink_codec=s.uplink_codec, downlink_codec=s.downlink_codec,
+        delta_base=delta_base(store, fed))
     training = TrainingSettings(local_epochs=s.local_epochs,
                                 **recipe_training_fields(s.training_recipe))
     if fed.finished:

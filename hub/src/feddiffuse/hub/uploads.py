@@ -3,10 +3,12 @@
 The body is written to a temporary blob while it is hashed and checked: first the 8-byte
 header length (against a limit), then the JSON header (names, dtypes, shapes and offsets via
 `wire.check_layout`, and the delta's metadata), then the tensor bytes, whose float32 values are
-checked to be finite slice by slice. Nothing is ever unpickled, and the body is never held in
-memory. Reading stops at the first refusal: the app answers, reading and dropping at most
-DRAIN_LIMIT more bytes first (so that the client sees the answer, not a reset), then closes
-the connection.
+checked to be finite slice by slice. In a compressed uplink codec (`codecs`) the header is
+checked against that codec's layout, and the payload, a fraction of an fp32 one, is decoded
+and checked whole once it has arrived (indices, int8 range, scales, values). Nothing is ever
+unpickled, and an fp32 body is never held in memory. Reading stops at the first refusal: the
+app answers, reading and dropping at most DRAIN_LIMIT more bytes first (so that the client
+sees the answer, not a reset), then closes the connection.
 """
 
 from __future__ import annotations
@@ -21,9 +23,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from feddiffuse.shared.codecs import (
+    FP32,
+    SEP,
+    Codec,
+    CodecError,
+    check_payload_layout,
+    decode_payload,
+    parse_codec,
+)
 from feddiffuse.shared.errors import WireFormatError
 from feddiffuse.shared.protocol import DELTA_METADATA_KEYS, ErrorCode
-from feddiffuse.shared.wire import CODECS, FORMAT_VERSION, PREFIX, check_layout, read_header
+from feddiffuse.shared.wire import FORMAT_VERSION, PREFIX, check_layout, read_header
 
 from .blobs import BlobStore, TempBlob
 from .errors import HubError
@@ -74,6 +85,7 @@ class UploadTicket:
     # the body is then only compared with that upload, and `refusal` is the answer if differs.
     existing: UploadRow | None = None
     refusal: HubError | None = None
+    codec: Codec = FP32  # the federation's uplink codec
 
 
 @dataclass
@@ -184,6 +196,11 @@ class UploadReceiver:
                 pass
         except SafetensorError as exc:
             raise invalid(f"not a valid safetensors file: {exc}") from None
+        if not t.codec.lossless:  # compressed: small enough to decode and check whole
+            try:
+                decode_payload(self._temp.path.read_bytes(), t.codec, t.expected_shapes)
+            except WireFormatError as exc:
+                raise invalid(f"the {t.codec.name} update is not valid: {exc}") from None
         temp, self._temp = self._temp, None
         return ReceivedUpload(sha, self.received, self._num_samples, self._mean_loss,
                               t.segments, temp)
@@ -227,15 +244,20 @@ class UploadReceiver:
         t = self.ticket
         try:
             header, _ = read_header(prefix)
-            data_len = check_layout(header)
+            data_len = check_layout(header) if t.codec.lossless else 0
             json.loads(prefix[8:].decode("utf-8"), object_pairs_hook=_no_repeated_keys)
         except WireFormatError as exc:
             raise invalid(f"not a valid safetensors file: {exc}") from None
         except (RecursionError, ValueError):  # JSON nested too deep, a 4300+ digit number
             raise invalid("not a valid safetensors file: its header nests too deeply or holds "
                           "a number too long to read") from None
-        self._check_metadata(header.get("__metadata__") or {})
-        names = set(header) - {"__metadata__"}
+        metadata = header.get("__metadata__") or {}
+        if not (isinstance(metadata, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise invalid("not a valid safetensors file: safetensors metadata must map strings "
+                          "to strings")
+        self._check_metadata(metadata)
+        names = {n.split(SEP, 1)[0] for n in header if n != "__metadata__"}
         if names != set(t.expected_shapes):
             held = self.layout.segments_of_names(names)
             if held is not None:
@@ -243,7 +265,10 @@ class UploadReceiver:
                                f"the update holds {'+'.join(held) or 'nothing'}, but round "
                                f"{t.round} asks {t.client} for {'+'.join(t.segments)}")
         try:
-            check_layout(header, t.expected_shapes)
+            if t.codec.lossless:
+                check_layout(header, t.expected_shapes)
+            else:
+                data_len = check_payload_layout(header, t.codec, t.expected_shapes)
         except WireFormatError as exc:
             raise invalid(f"the update does not fit {'+'.join(t.segments)}: {exc}") from None
         total = 8 + self._header_len + data_len
@@ -268,8 +293,15 @@ class UploadReceiver:
             raise invalid(f"unknown format_version {get('format_version')!r}")
         if get("kind") != "delta":
             raise invalid(f"the file is a {get('kind')!r} file, not a delta")
-        if get("codec") not in CODECS:
-            raise invalid(f"unknown codec {get('codec')!r}; this hub takes {', '.join(CODECS)}")
+        codec = get("codec")
+        if codec != t.codec.name:
+            try:
+                parse_codec(codec or "")
+            except CodecError:
+                raise invalid(f"unknown codec {codec!r}; this federation's uplink codec is "
+                              f"{t.codec.name}") from None
+            raise invalid(f"the update is in codec {codec!r}, but this federation's uplink "
+                          f"codec is {t.codec.name}")
         if get("preset") != t.preset:
             raise invalid(f"the delta is for preset {get('preset')!r}, the federation trains "
                           f"{t.preset!r}")
@@ -312,6 +344,8 @@ class UploadReceiver:
             view = view[:max(0, self._data_len - self._data_seen)]
         offset = self._data_seen  # data-section offset of view[0]
         self._data_seen += len(view)
+        if not self.ticket.codec.lossless:  # not all floats: checked whole at the end
+            return
         if self._tail:  # a float split across two chunks
             need = 4 - len(self._tail)
             piece = self._tail + bytes(view[:need])

@@ -8,6 +8,7 @@ this module adds the hub's metadata conventions and blob handling around it.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -15,12 +16,20 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import load_file
 
-from feddiffuse.shared.model import SEGMENTS
+from feddiffuse.shared.codecs import Codec, decode_payload, write_payload
+from feddiffuse.shared.payloads import ALL_KEY, global_metadata
 from feddiffuse.shared.wire import ByteSink, encode_tensors, write_tensors
 
 from .blobs import BlobStore
 
-ALL_KEY = ",".join(SEGMENTS)  # the segments key of a whole model
+__all__ = ["ALL_KEY", "DENSE_KEY", "delta_key", "global_metadata"]
+# Segment-file keys beyond a set of segments: the initial model in the downlink codec's dense
+# form, and the update from an older version to this one in the downlink codec.
+DENSE_KEY = ALL_KEY + "@dense"
+
+
+def delta_key(segments_key: str, base_version: str) -> str:
+    return f"{segments_key}@{base_version}"
 
 
 def write_weights(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
@@ -31,12 +40,6 @@ def write_weights(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
 
 def encode_weights(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> bytes:
     return encode_tensors(tensors, metadata)
-
-
-def global_metadata(preset: str, round_index: int) -> dict[str, object]:
-    """Metadata of a full global model file; `round_index` is the round it opens."""
-    return {"kind": "global", "preset": preset, "round": round_index,
-            "completed_rounds": round_index - 1, "segments": ALL_KEY}
 
 
 def encode_global(state: Mapping[str, torch.Tensor], preset: str, round_index: int) -> bytes:
@@ -54,6 +57,27 @@ def write_blob(blobs: BlobStore, tensors: Mapping[str, torch.Tensor],
     finally:
         temp.discard()
     return sha, size
+
+
+def write_encoded_blob(blobs: BlobStore, wire: Mapping[str, torch.Tensor],
+                       metadata: Mapping[str, object], codec: Codec) -> tuple[str, int]:
+    """Stream encoded tensors (`codecs.encode`) into the blob folder; returns (sha256, bytes)."""
+    temp = blobs.temp()
+    try:
+        sha, size = write_payload(temp, wire, metadata, codec)
+        blobs.commit(temp, sha)
+    finally:
+        temp.discard()
+    return sha, size
+
+
+def load_decoded(blobs: BlobStore, sha: str, codec: Codec,
+                 shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Blob `sha` (a payload in `codec`, hash checked) decoded to fp32 tensors."""
+    data = blobs.path(sha).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise RuntimeError(f"blob {sha[:12]}... is damaged on disk (its sha256 changed)")
+    return decode_payload(data, codec, shapes)[0]
 
 
 def load_verified(blobs: BlobStore, sha: str) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
+from .payloads import LinkCodecs
 from .simulate import SimulationConfig, run_simulation
 from .wire import atomic_write_bytes
 
@@ -54,6 +55,8 @@ class Sweep(BaseModel):
     clients: list[int] = Field(min_length=1)
     splits: list[str] = Field(default_factory=lambda: ["iid"], min_length=1)
     local_epochs: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    # Codecs, each "C" (both directions) or "UPLINK/DOWNLINK"; none: the [simulation]'s.
+    codecs: list[str] = Field(default_factory=lambda: [""], min_length=1)
     repeats: int | None = Field(default=None, ge=1)  # None: the grid's
 
 
@@ -88,6 +91,14 @@ class Cell:
     seed: int
     centralised: bool = False
     group_epochs: int = 0  # the federated E this cell is compared with (baselines)
+    codecs: str = ""  # "UPLINK/DOWNLINK" from the sweep; "": the [simulation]'s
+
+    @property
+    def links(self) -> tuple[str, str] | None:
+        if not self.codecs:
+            return None
+        up, _, down = self.codecs.partition("/")
+        return up, down or up
 
     @property
     def epochs(self) -> int:
@@ -104,7 +115,12 @@ class Cell:
             if self.rounds > 1:
                 return f"{CENTRALISED}-{self.rounds}rounds-e{self.local_epochs}"
             return f"{CENTRALISED}-{self.local_epochs}epochs"
-        return f"{self.method}-k{self.clients}-{self.split}-e{self.local_epochs}"
+        base = f"{self.method}-k{self.clients}-{self.split}-e{self.local_epochs}"
+        if self.links is None:
+            return base
+        up, down = self.links
+        return f"{base}-{up.replace(':', '')}" + ("" if down == up else
+                                                  f"-down-{down.replace(':', '')}")
 
     @property
     def id(self) -> str:
@@ -198,24 +214,34 @@ def _centralised_cells(spec: GridSpec, epochs_of_groups: list[int], rounds: int,
 def grid_cells(spec: GridSpec) -> list[Cell]:
     """Every cell, in run order: per repeat, the baselines first, then the sweeps."""
     rounds = int(spec.simulation.get("rounds", SimulationConfig.rounds))
-    combos: dict[tuple[str, int, str, int], int] = {}  # configuration -> repeats
+    combos: dict[tuple[str, int, str, int, str], int] = {}  # configuration -> repeats
     for sweep in spec.sweep:
         repeats = sweep.repeats or spec.repeats
         for e in sweep.local_epochs:
             for split in sweep.splits:
                 for k in sweep.clients:
                     for method in sweep.methods:
-                        key = (method, k, split, e)
-                        combos[key] = max(combos.get(key, 0), repeats)
+                        for codecs in sweep.codecs:
+                            key = (method, k, split, e, _canonical_codecs(codecs))
+                            combos[key] = max(combos.get(key, 0), repeats)
     group_epochs = list(dict.fromkeys(c[3] for c in combos))
     cells: list[Cell] = []
     for r in range(max([spec.repeats, *combos.values()])):
         seed = spec.seed + r
         if spec.centralised and r < spec.repeats:
             cells += _centralised_cells(spec, group_epochs, rounds, r, seed)
-        cells += [Cell(m, k, s, e, rounds, r, seed, group_epochs=e)
-                  for (m, k, s, e), n in combos.items() if r < n]
+        cells += [Cell(m, k, s, e, rounds, r, seed, group_epochs=e, codecs=c)
+                  for (m, k, s, e, c), n in combos.items() if r < n]
     return cells
+
+
+def _canonical_codecs(text: str) -> str:
+    """"" or "UPLINK/DOWNLINK" with canonical codec names (UserError on an unknown one)."""
+    if not text:
+        return ""
+    up, _, down = text.partition("/")
+    links = LinkCodecs.parse(up, down or up)
+    return f"{links.uplink.name}/{links.downlink.name}"
 
 
 def repeat_counts(cells: list[Cell]) -> dict[str, int]:
@@ -238,6 +264,8 @@ def cell_config(spec: GridSpec, cell: Cell, out: Path) -> SimulationConfig:
     settings = {**spec.simulation, "method": cell.method, "clients": cell.clients,
                 "split": cell.split, "local_epochs": cell.local_epochs, "rounds": cell.rounds,
                 "seed": cell.seed, "out": str(out / "cells" / cell.id)}
+    if cell.links is not None:
+        settings["uplink_codec"], settings["downlink_codec"] = cell.links
     try:
         config = SimulationConfig(**settings)
     except TypeError as exc:

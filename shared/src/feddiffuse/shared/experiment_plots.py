@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .experiment import CENTRALISED, CellOutcome, GridSpec  # noqa: E402
+from .experiment_report import reference_rows  # noqa: E402
 from .wire import atomic_write_bytes  # noqa: E402
 
 
@@ -171,9 +172,40 @@ def metric_curves(spec: GridSpec, curves: list[dict], metric: str, key: tuple[in
     return _save(fig, path)
 
 
+def codec_frontier(rows: list[dict], metric: str, path: Path) -> Path | None:
+    """The metric of every federated cell against its total bytes (log axis), one colour per
+    method, each point labelled with its codecs; None without a codec sweep."""
+    fed = [r for r in rows if r["method"] != CENTRALISED and r[metric] is not None]
+    if len({r["codecs"] for r in fed}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = dict.fromkeys((r["method"], r["clients"], r["split"]) for r in fed)
+    for method, k, split in groups:
+        group = sorted((r for r in fed if (r["method"], r["clients"], r["split"])
+                        == (method, k, split)), key=lambda r: r["total_bytes"])
+        xs = [r["total_bytes"] for r in group]
+        ax.plot(xs, [r[metric] for r in group], marker="o", linestyle=":",
+                label=f"{method}, K = {k}, {split}")
+        for r in group:
+            ax.annotate(r["codecs"].replace("/fp32", "").replace("fp32/", "up fp32, "),
+                        (r["total_bytes"], r[metric]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total bytes, all clients, both directions (log)")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Codec frontier: {metric} against bytes")
+    return _save(fig, path)
+
+
 def write_plots(spec: GridSpec, outcomes: Sequence[CellOutcome], rows: list[dict],
                 metrics: list[str], out: Path, curves: list[dict] | None = None) -> list[Path]:
-    written: list[Path | None] = []
+    written: list[Path | None] = [codec_frontier(rows, m, out / f"{m}-vs-bytes.png")
+                                  for m in metrics]
+    rows = reference_rows(rows)
+    kept = {r["cell"] for r in rows}
+    outcomes = [o for o in outcomes if o.cell.id in kept]
     epochs = list(dict.fromkeys(r["local_epochs"] for r in rows if r["method"] != CENTRALISED))
     for metric in metrics:
         for e in epochs:

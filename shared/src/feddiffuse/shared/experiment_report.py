@@ -87,7 +87,9 @@ def result_rows(outcomes: Sequence[CellOutcome]) -> tuple[list[dict], list[str]]
                "epochs": c.epochs, "repeat": c.repeat, "seed": c.seed,
                "protocol": (r.get("protocol") or {}).get("protocol", "product"),
                "images": r["dataset"]["images"],
-               "eval_samples": (r.get("evaluation") or {}).get("samples")}
+               "eval_samples": (r.get("evaluation") or {}).get("samples"),
+               "codecs": (f"{r['config'].get('uplink_codec', 'fp32')}/"
+                          f"{r['config'].get('downlink_codec', 'fp32')}")}
         row["headline"] = "mean over clients" if _personal(r) else "one model"
         for m in metrics:
             row[m] = headline(r, m)
@@ -181,7 +183,41 @@ def _baselines(base: list[dict], e: int, rounds: int) -> tuple[list[int], int | 
     return epochs, (rounds if rounds in epochs else epochs[-1])
 
 
+def reference_rows(rows: list[dict]) -> list[dict]:
+    """The rows the per-method tables and plots compare: the baselines, and the federated
+    cells in the first codec pair of the grid (all of them when it sweeps no codecs)."""
+    fed = [r for r in rows if r["method"] != CENTRALISED]
+    first = fed[0]["codecs"] if fed else None
+    return [r for r in rows if r["method"] == CENTRALISED or r["codecs"] == first]
+
+
+def codec_frontier(rows: list[dict], metrics: list[str]) -> list[str]:
+    """The codec table: every federated cell's bytes against the same method, K and split in
+    fp32 both ways (when the grid has it), and its metrics. Empty without a codec sweep."""
+    fed = [r for r in rows if r["method"] != CENTRALISED]
+    if len({r["codecs"] for r in fed}) < 2:
+        return []
+    fp32 = {}
+    for r in fed:
+        if r["codecs"] == "fp32/fp32":
+            fp32.setdefault((r["method"], r["clients"], r["split"], r["local_epochs"]),
+                            r["total_bytes"])
+    lines = ["## Codec frontier (whole run, all clients)", "",
+             "| method | K, split | uplink/downlink | MB | x fp32 | " + " | ".join(metrics)
+             + " |", "|" + "---|" * (5 + len(metrics))]
+    for r in sorted(fed, key=lambda r: (r["method"], r["clients"], r["split"],
+                                        -r["total_bytes"])):
+        base = fp32.get((r["method"], r["clients"], r["split"], r["local_epochs"]))
+        ratio = f"{r['total_bytes'] / base:.3f}" if base else ""
+        lines.append(f"| {r['method']} | {r['clients']}, {r['split']} | {r['codecs']} | "
+                     f"{r['total_bytes'] / 1e6:.2f} | {ratio} | "
+                     + " | ".join(format_value(r[m]) for m in metrics) + " |")
+    return [*lines, ""]
+
+
 def markdown(spec: GridSpec, rows: list[dict], metrics: list[str]) -> str:
+    frontier = codec_frontier(rows, metrics)
+    rows = reference_rows(rows)
     fed = [r for r in rows if r["method"] != CENTRALISED]
     base = [r for r in rows if r["method"] == CENTRALISED]
     methods = _ordered(m for s in spec.sweep for m in s.methods)
@@ -269,6 +305,7 @@ def markdown(spec: GridSpec, rows: list[dict], metrics: list[str]) -> str:
         lines.append(f"| {r['method']} | {r['clients']} | {r['total_params']:,} | "
                      f"{r['total_bytes'] / 1e6:.1f} |")
     lines.append("")
+    lines += frontier
     return "\n".join(lines)
 
 

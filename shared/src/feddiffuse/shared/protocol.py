@@ -8,7 +8,9 @@ Endpoints (all under API_PREFIX = "/api/v1"; a client sends `Authorization: Bear
     GET  /federation                      -> FederationInfo
     GET  /manifest                        -> Manifest for the caller and the current round
     GET  /models/{version}?segments=a,b   -> safetensors of those segments of that global
-                                             version (ETag = "<version>:<segments>", Range ok)
+                                             version (ETag = "<version>:<segments>", Range ok);
+                                             with &base=<older version>, the update from it
+                                             in the downlink codec (Manifest.delta_base)
     PUT  /rounds/{round}/update           -> UploadReceipt; body: a delta safetensors file
     GET  /admin/status                    -> HubStatus            (admin token)
     POST /admin/rounds/current/close      -> HubStatus            (admin token)
@@ -140,6 +142,13 @@ class Manifest(_Model):
     # The model to sample from: the recipe's EMA of the global model (a full model file, like
     # global_version); None: sample the global model itself.
     sample_version: str | None = None
+    # The federation's codecs (feddiffuse.shared.codecs): the upload must be in uplink_codec.
+    uplink_codec: str = "fp32"
+    downlink_codec: str = "fp32"
+    # With a lossy downlink: the version the hub sends global_version's update from
+    # (GET /models/{global_version}?base=...); a client holding it applies the update, any
+    # other downloads the full model.
+    delta_base: str | None = None
 
 
 class FederationInfo(_Model):
@@ -156,6 +165,8 @@ class FederationInfo(_Model):
     parameters: dict[str, int]  # segment -> parameter count, plus "total"
     recipe: str = "paper"  # the training recipe's name (the manifest carries all of it)
     sample_version: str | None = None  # the model to sample from (the recipe's EMA), if any
+    uplink_codec: str = "fp32"
+    downlink_codec: str = "fp32"
 
 
 class UploadReceipt(_Model):

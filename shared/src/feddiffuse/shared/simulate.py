@@ -12,6 +12,7 @@ the sample grid, the evaluation of the final models, and the report.
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .codecs import FP32, Codec, compress_with_feedback, decode_payload, write_payload
 from .data import load_dataset, load_image_folder, partition_indices
 from .data.celeba import authors_classes
 from .data.partition import SPLITS
@@ -37,10 +39,22 @@ from .images import save_grid
 from .ledger import CommLedger
 from .methods import check_method, has_personal_models, personal_segments
 from .model import Preset, build_unet, count_parameters, get_preset, segment_map
+from .payloads import (
+    ALL_KEY,
+    LinkCodecs,
+    apply_downlink,
+    apply_update,
+    delta_metadata,
+    global_metadata,
+    initial_global,
+    segment_metadata,
+    upload_metadata,
+    wire_subset,
+)
 from .recipes import DEFAULT_RECIPE, Recipe, get_recipe, update_ema
 from .rounds import RoundState, training_seed
 from .training import TrainResult, select_device, train_local
-from .wire import atomic_write_bytes, decode_tensors, encode_tensors, save_weights, write_tensors
+from .wire import atomic_write_bytes, encode_tensors, save_weights, write_tensors
 
 Log = Callable[[str], None]
 Weights = dict[str, torch.Tensor]
@@ -88,6 +102,8 @@ class SimulationConfig:
     clip_x0: bool | None = None  # None: the protocol's
     personal_model: str | None = None  # "merged" | "last-local"; None: the protocol's
     eval_every: int = 0  # also evaluate after every N rounds (a metric curve); 0: only the end
+    uplink_codec: str = "fp32"  # feddiffuse.shared.codecs; error feedback on the clients
+    downlink_codec: str = "fp32"  # lossy: updates from round 2 on (feddiffuse.shared.payloads)
 
     def resolved_protocol(self) -> Protocol:
         return get_protocol(self.protocol)
@@ -133,8 +149,12 @@ class SimulationConfig:
                 "partition_seed": self.resolved_partition_seed(),
                 "celeba_range": p.celeba_range, "celeba_classes": p.celeba_classes}
 
+    def links(self) -> LinkCodecs:
+        return LinkCodecs.parse(self.uplink_codec, self.downlink_codec)
+
     def validate(self) -> None:
         get_preset(self.preset)
+        self.links()
         protocol = self.resolved_protocol()
         self.resolved_recipe()
         check_method(self.method)
@@ -263,6 +283,15 @@ class _Run:
     # The recipe's keep_optimizer: each client's optimiser moments, carried to its next round.
     optimizer_states: dict[str, Weights] = field(default_factory=dict)
     ledger: CommLedger = field(default_factory=CommLedger)
+    # The codecs; each client's error feedback (what its lossy uploads have not sent yet);
+    # the last round's update as the hub sends it (a lossy downlink), and the model it
+    # applies to.
+    links: LinkCodecs = field(default_factory=LinkCodecs)
+    residuals: dict[str, Weights] = field(default_factory=dict)
+    downlink_wire: Weights | None = None
+    previous_global: Weights | None = None
+    initial_wire: Weights | None = None
+    previous_version: str = ""
     rounds_report: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
 
@@ -295,10 +324,12 @@ def _start(config: SimulationConfig, recipe: Recipe, device: torch.device, devic
     data_name, images = _client_images(config, preset.config.image_size,
                                        preset.config.channels)
     model = build_unet(preset, seed=config.seed)
+    links = config.links()
+    first, initial_wire = initial_global(_state(model), links)
     run = _Run(config=config, recipe=recipe, preset=preset, device=device,
                device_reason=device_reason, data_name=data_name, images=images, model=model,
                seg_of=segment_map(model), counts=count_parameters(model),
-               global_state=_state(model))
+               global_state=first, links=links, initial_wire=initial_wire)
     log(f"FedDiffuse simulation: {config.method} on {data_name}, {len(run.ids)} client(s), "
         f"{config.rounds} round(s) x {config.local_epochs} local epoch(s), split {config.split}")
     log(f"  preset {preset.name} ({run.counts['total_params']:,} parameters), "
@@ -324,6 +355,7 @@ class _Round:
     state: RoundState
     version: str
     started: float
+    base_version: str = ""  # the previous round's version (a lossy downlink's delta base)
     payloads: dict[tuple[str, ...], bytes] = field(default_factory=dict)
     clients: list[dict] = field(default_factory=list)
 
@@ -334,23 +366,43 @@ def _open_round(run: _Run, r: int) -> _Round:
     state = RoundState.open(run.config.method, r, run.ids, run.global_state, run.seg_of,
                             seed=run.config.seed, strategy=run.recipe.aggregation())
     # Hashed while streamed, without building the file in memory just to hash it.
-    version, _ = write_tensors(_Discard(), run.global_state,
-                               {"kind": "global", "preset": run.preset.name, "round": r})
-    return _Round(r, state, version, started)
+    version, _ = write_tensors(_Discard(), run.global_state, global_metadata(run.preset.name, r))
+    rnd = _Round(r, state, version, started, base_version=run.previous_version)
+    run.previous_version = version
+    return rnd
 
 
 def _download(run: _Run, rnd: _Round, cid: str) -> Weights:
     """Step 2a: the client downloads what its manifest names and merges it with its own
     segments. Returns the weights it starts training from."""
     plan = rnd.state.plans[cid]
+    key = ",".join(plan.download)
+    names = rnd.state.names_for(plan.download)
+    shapes = {n: tuple(run.global_state[n].shape) for n in names}
+    links, name = run.links, run.preset.name
     if plan.download not in rnd.payloads:
-        rnd.payloads[plan.download] = encode_tensors(
-            rnd.state.download_tensors(cid),
-            {"kind": "global", "preset": run.preset.name, "round": rnd.index,
-             "version": rnd.version, "segments": ",".join(plan.download)})
+        if rnd.index == 1 and run.initial_wire is not None:
+            rnd.payloads[plan.download] = _payload(wire_subset(run.initial_wire, names),
+                                                   global_metadata(name, 1), links.initial)
+        elif rnd.index > 1 and links.sends_deltas:
+            assert run.downlink_wire is not None
+            rnd.payloads[plan.download] = _payload(
+                wire_subset(run.downlink_wire, names),
+                delta_metadata(name, rnd.index, rnd.version, rnd.base_version, key),
+                links.downlink)
+        else:
+            rnd.payloads[plan.download] = encode_tensors(
+                rnd.state.download_tensors(cid),
+                global_metadata(name, rnd.index) if key == ALL_KEY else
+                segment_metadata(name, rnd.index, rnd.version, key))
     body = rnd.payloads[plan.download]
     rnd.state.record_download(cid, len(body))
-    received, _ = decode_tensors(body)
+    if rnd.index > 1 and links.sends_deltas:  # the client adds the update to its copy
+        assert run.previous_global is not None
+        update, _ = decode_payload(body, links.downlink, shapes)
+        received = apply_update(run.previous_global, update)
+    else:
+        received, _ = decode_payload(body, links.initial if rnd.index == 1 else FP32, shapes)
     return {**run.personal_state.get(cid, {}), **received}
 
 
@@ -386,19 +438,29 @@ def _train(run: _Run, rnd: _Round, cid: str, start: Weights, log: Log
     return result, trained
 
 
-def _upload(run: _Run, rnd: _Round, cid: str, trained: Weights) -> bytes:
+def _upload(run: _Run, rnd: _Round, cid: str, trained: Weights, mean_loss: float | None = None
+            ) -> bytes:
     """Step 3: the client encodes `local - global` for its upload segments only."""
     upload_shapes = rnd.state.expected_upload_shapes(cid)
     delta = {n: trained[n] - run.global_state[n] for n in upload_shapes}
-    return encode_tensors(delta, {"kind": "delta", "preset": run.preset.name, "round": rnd.index,
-                                  "base_version": rnd.version,
-                                  "num_samples": run.sizes[cid],
-                                  "segments": ",".join(rnd.state.plans[cid].upload)})
+    residual = run.residuals.get(cid, {})
+    wire, left = compress_with_feedback(delta, residual, run.links.uplink)
+    if left:
+        run.residuals[cid] = {**residual, **left}
+    meta = upload_metadata(run.preset.name, rnd.index, rnd.version, run.sizes[cid],
+                           ",".join(rnd.state.plans[cid].upload), mean_loss)
+    return _payload(wire, meta, run.links.uplink)
 
 
-def _accept(rnd: _Round, cid: str, body: bytes) -> None:
+def _payload(wire: Weights, metadata: dict, codec: Codec) -> bytes:
+    buffer = io.BytesIO()
+    write_payload(buffer, wire, metadata, codec)
+    return buffer.getvalue()
+
+
+def _accept(run: _Run, rnd: _Round, cid: str, body: bytes) -> None:
     """Step 4: the hub validates the upload and adds it to the round's running sum."""
-    decoded, meta = decode_tensors(body, rnd.state.expected_upload_shapes(cid))
+    decoded, meta = decode_payload(body, run.links.uplink, rnd.state.expected_upload_shapes(cid))
     rnd.state.accept(cid, decoded, int(meta["feddiffuse.num_samples"]), len(body))
 
 
@@ -407,7 +469,12 @@ def _finalize(run: _Run, rnd: _Round, log: Log) -> None:
     EMA), the round's ledger entries; then the round's line of the report."""
     r = rnd.index
     outcome = rnd.state.finalize()
-    run.global_state = outcome.global_state
+    if run.links.sends_deltas:  # the hub applies the update it sends, decoded
+        run.previous_global = run.global_state
+        run.global_state, run.downlink_wire = apply_downlink(
+            run.global_state, outcome.global_state, run.links.downlink)
+    else:
+        run.global_state = outcome.global_state
     if run.recipe.ema_decay is not None:
         run.ema_global = update_ema(run.ema_global, run.global_state, run.recipe.ema_decay)
     run.ledger.extend(outcome.transfers)
@@ -431,7 +498,8 @@ def _run_round(run: _Run, r: int, log: Log) -> None:
     for cid in run.ids:
         start = _download(run, rnd, cid)                      # 2. the client downloads,
         result, trained = _train(run, rnd, cid, start, log)   #    merges and trains,
-        _accept(rnd, cid, _upload(run, rnd, cid, trained))    # 3. uploads; 4. the hub accepts
+        body = _upload(run, rnd, cid, trained, result.mean_loss)
+        _accept(run, rnd, cid, body)                          # 3. uploads; 4. the hub accepts
         plan = rnd.state.plans[cid]
         rnd.clients.append({"client": cid, "samples": run.sizes[cid],
                             "mean_loss": result.mean_loss, "uploaded": list(plan.upload),

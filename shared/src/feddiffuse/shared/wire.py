@@ -7,7 +7,10 @@ is. Keys (all prefixed ``feddiffuse.``):
   ``personal`` (a client's own model), ``checkpoint``.
 - ``preset``: the UNet preset, so any command can rebuild the network without being told.
 - ``round``, ``base_version`` (sha256 of the global file the delta is relative to),
-  ``num_samples``, ``segments`` (comma separated), ``codec`` (``fp32``), ``format_version``.
+  ``num_samples``, ``segments`` (comma separated), ``codec``, ``format_version``.
+
+This module writes and reads fp32 files; the other codecs (bf16, int8, top-k) are in `codecs`,
+whose fp32 payloads are exactly these files.
 """
 
 from __future__ import annotations

@@ -62,6 +62,12 @@ def init(
     recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = DEFAULT_RECIPE,
     name: Annotated[str | None, typer.Option(help="Federation name (default: the folder's "
                                                   "name).")] = None,
+    uplink_codec: Annotated[str, typer.Option(
+        help="How clients encode their updates: fp32, bf16, int8, topk:F or topk:F+int8 "
+             "(lossy ones with error feedback).")] = "fp32",
+    downlink_codec: Annotated[str, typer.Option(
+        help="How the hub sends models: fp32 (the weights), or a lossy codec (the initial "
+             "model in its dense form, then each round's update).")] = "fp32",
 ) -> None:
     """Create a hub: a SQLite database, a blob folder and the initial global model."""
     from ..create import init_hub
@@ -72,11 +78,11 @@ def init(
             name=name or hub_dir.resolve().name or "feddiffuse", preset=preset, method=method,
             rounds=rounds, local_epochs=local_epochs, min_clients=min_clients,
             round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr,
-            recipe=recipe)
+            recipe=recipe, uplink_codec=uplink_codec, downlink_codec=downlink_codec)
         token, version_ = init_hub(hub_dir, settings)
     typer.echo(f"Created hub {settings.name!r} in {hub_dir}: {method} on {preset}, {rounds} "
                f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}, recipe "
-               f"{recipe}; initial "
+               f"{recipe}, codecs up {uplink_codec} / down {downlink_codec}; initial "
                f"global version {version_[:16]}...", err=True)
     typer.echo("Admin token (shown once; keep it safe):", err=True)
     typer.echo(token)

@@ -232,11 +232,14 @@ class HubStore(ABC):
     @abstractmethod
     def publish(self, round_index: int, new_version: VersionRow, now: float, finished: bool,
                 next_round: tuple[RoundRow, Sequence[ParticipantRow]] | None,
-                events: Sequence[NewEvent], sample: VersionRow | None = None) -> None:
+                events: Sequence[NewEvent], sample: VersionRow | None = None,
+                segment_files: Sequence[SegmentFileRow] = ()) -> None:
         """In one step: close the round with `new_version` as its result, make it the current
         global version, and either finish the federation, open the next round, or leave the
         next round pending (next_round None and not finished). `sample`, when given, becomes
-        the model clients sample from (the recipe's EMA of the global model)."""
+        the model clients sample from (the recipe's EMA of the global model);
+        `segment_files` (of the new version: the update a lossy downlink sends) are recorded
+        with it, so that no manifest sees the version without them."""
 
     # -- uploads and downloads --------------------------------------------------------------
 

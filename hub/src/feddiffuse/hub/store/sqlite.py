@@ -40,7 +40,8 @@ from .base import (
 # recipe's EMA of the global model, which clients sample from; NULL: the global itself).
 # 3: participants.removed_at/removed_reason (a revoked participant leaves its round), and
 # download_totals (bytes sent per round, client and file) instead of one row per request.
-SCHEMA_VERSION = 3
+# 4: federation.uplink_codec and downlink_codec (feddiffuse.shared.codecs; before: fp32).
+SCHEMA_VERSION = 4
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,7 +54,8 @@ CREATE TABLE federation (
     lr REAL NOT NULL, loss TEXT NOT NULL,
     created_at REAL NOT NULL, current_round INTEGER NOT NULL, current_version TEXT NOT NULL,
     finished_at REAL,
-    recipe TEXT NOT NULL, sample_version TEXT
+    recipe TEXT NOT NULL, sample_version TEXT,
+    uplink_codec TEXT NOT NULL DEFAULT 'fp32', downlink_codec TEXT NOT NULL DEFAULT 'fp32'
 );
 CREATE TABLE tokens (
     name TEXT PRIMARY KEY, role TEXT NOT NULL CHECK (role IN ('admin', 'client')),
@@ -137,7 +139,21 @@ def _migrate_2_to_3(db: sqlite3.Connection) -> None:
     db.execute("COMMIT")
 
 
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    """Each direction has a codec; a federation created before codecs sends fp32 both ways."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for column in ("uplink_codec", "downlink_codec"):
+            db.execute(f"ALTER TABLE federation ADD COLUMN {column} TEXT NOT NULL "
+                       "DEFAULT 'fp32'")
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
@@ -235,10 +251,11 @@ class SqliteStore(HubStore):
             tx.run("INSERT INTO versions VALUES (?, ?, ?, ?)",
                    (initial.version, initial.round, initial.bytes, initial.created_at))
             tx.run("INSERT INTO federation VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, "
-                   "NULL, ?, NULL)", (s.name, s.preset, s.method, s.rounds, s.local_epochs,
-                                      s.min_clients, s.round_timeout_s, s.seed, s.batch_size,
-                                      s.lr, s.loss, now, initial.version,
-                                      json.dumps(s.recipe, sort_keys=True)))
+                   "NULL, ?, NULL, ?, ?)", (s.name, s.preset, s.method, s.rounds, s.local_epochs,
+                                            s.min_clients, s.round_timeout_s, s.seed,
+                                            s.batch_size, s.lr, s.loss, now, initial.version,
+                                            json.dumps(s.recipe, sort_keys=True),
+                                            s.uplink_codec, s.downlink_codec))
             tx.run("INSERT INTO tokens VALUES ('admin', 'admin', ?, ?, NULL)",
                    (admin_token_hash, now))
             _insert_event(tx, NewEvent(now, None, "created",
@@ -247,15 +264,16 @@ class SqliteStore(HubStore):
     def federation(self) -> FederationRow:
         row = self._one("SELECT name, preset, method, rounds, local_epochs, min_clients, "
                         "round_timeout_s, seed, batch_size, lr, loss, created_at, "
-                        "current_round, current_version, finished_at, recipe, sample_version "
-                        "FROM federation")
+                        "current_round, current_version, finished_at, recipe, sample_version, "
+                        "uplink_codec, downlink_codec FROM federation")
         if row is None:
             raise LookupError("the hub database holds no federation")
         (name, preset, method, rounds, local_epochs, min_clients, round_timeout_s, seed,
          batch_size, lr, loss) = row[:11]
         settings = FederationSettings(name, preset, method, rounds, local_epochs, min_clients,
                                       round_timeout_s, seed, batch_size, lr, loss,
-                                      recipe=json.loads(row[15]))
+                                      recipe=json.loads(row[15]), uplink_codec=row[17],
+                                      downlink_codec=row[18])
         return FederationRow(settings, row[11], row[12], row[13], row[14], row[16])
 
     # -- tokens -----------------------------------------------------------------------------
@@ -405,7 +423,8 @@ class SqliteStore(HubStore):
 
     def publish(self, round_index: int, new_version: VersionRow, now: float, finished: bool,
                 next_round: tuple[RoundRow, Sequence[ParticipantRow]] | None,
-                events: Sequence[NewEvent], sample: VersionRow | None = None) -> None:
+                events: Sequence[NewEvent], sample: VersionRow | None = None,
+                segment_files: Sequence[SegmentFileRow] = ()) -> None:
         v = new_version
         with self._tx() as tx:
             status = tx.run("SELECT status FROM rounds WHERE round = ?",
@@ -414,6 +433,9 @@ class SqliteStore(HubStore):
                 raise RuntimeError(f"round {round_index} is not closing")
             tx.run("INSERT OR IGNORE INTO versions VALUES (?, ?, ?, ?)",
                    (v.version, v.round, v.bytes, v.created_at))
+            for f in segment_files:
+                tx.run("INSERT OR IGNORE INTO segment_files VALUES (?, ?, ?, ?)",
+                       (f.version, f.segments, f.sha256, f.bytes))
             tx.run(f"UPDATE rounds SET status = '{CLOSED}', closed_at = ?, result_version = ? "
                    "WHERE round = ?", (now, v.version, round_index))
             if sample is not None:

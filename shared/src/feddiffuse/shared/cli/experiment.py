@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..cli_errors import user_errors
+from ..codecs import CODEC_HELP
 from ..errors import UserError
 from ..experiment import (
     cell_config,
@@ -56,6 +57,11 @@ def experiment(
     eval_every: Annotated[int | None, typer.Option(
         help="Also evaluate every cell after every N rounds: metric curves over rounds and "
              "cumulative bytes (default: the grid's; 0: only the final models).")] = None,
+    uplink_codec: Annotated[str | None, typer.Option(
+        help=f"Codec of every cell's uploads (default: the grid's, else fp32): {CODEC_HELP}"
+    )] = None,
+    downlink_codec: Annotated[str | None, typer.Option(
+        help="Codec of every cell's downloads (default: the grid's, else fp32).")] = None,
 ) -> None:
     """Run every unfinished cell of GRID and write results.csv, results.md and the plots.
 
@@ -72,7 +78,8 @@ def experiment(
             get_protocol(protocol)
         spec = with_overrides(spec, protocol=protocol, sampler=sampler, eval_steps=steps,
                               clip_x0=clip_x0, personal_model=personal_model,
-                              eval_every=eval_every)
+                              eval_every=eval_every, uplink_codec=uplink_codec,
+                              downlink_codec=downlink_codec)
         cells = grid_cells(spec)
         typer.echo(f"grid {spec.name} ({path}): {len(cells)} cells -> {out}; protocol "
                    f"{spec.simulation.get('protocol', 'product')}")

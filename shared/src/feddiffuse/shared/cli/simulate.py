@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..cli_errors import user_errors
+from ..codecs import CODEC_HELP
 from ..evaluation import DEFAULT_METRICS
 from ..experiment_protocol import (
     CLIP_HELP,
@@ -80,6 +81,10 @@ def simulate(
         help="Personal models (ulatdec, udec): 'each' samples N from every client's model, "
              "'split' shares N among them.")] = "each",
     inception_weights: Annotated[str | None, typer.Option(help=INCEPTION_HELP)] = None,
+    uplink_codec: Annotated[str, typer.Option(
+        help=f"Codec of the clients' uploads, with error feedback: {CODEC_HELP}")] = "fp32",
+    downlink_codec: Annotated[str, typer.Option(
+        help="Codec of the hub's downloads (lossy: updates from round 2 on).")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a federated simulation and write report.json, samples.png and the weights."""
@@ -94,7 +99,8 @@ def simulate(
             sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,
             eval_metrics=eval_metrics, eval_personal=eval_personal,
             inception_weights=inception_weights, protocol=protocol, sampler=sampler,
-            clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every)
+            clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every,
+            uplink_codec=uplink_codec, downlink_codec=downlink_codec)
         log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         report = run_simulation(config, log=log)
         if as_json:
