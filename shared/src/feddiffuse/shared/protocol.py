@@ -29,6 +29,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .privacy.settings import PrivacyReport
+
 API_PREFIX = "/api/v1"
 PROTOCOL_VERSION = 1
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
@@ -140,6 +142,9 @@ class Manifest(_Model):
     # The model to sample from: the recipe's EMA of the global model (a full model file, like
     # global_version); None: sample the global model itself.
     sample_version: str | None = None
+    # Differential privacy (feddiffuse.shared.privacy): what to clip (and, local DP, noise)
+    # before encoding, and the epsilon spent so far; None: the federation is not private.
+    privacy: PrivacyReport | None = None
 
 
 class FederationInfo(_Model):
@@ -156,6 +161,7 @@ class FederationInfo(_Model):
     parameters: dict[str, int]  # segment -> parameter count, plus "total"
     recipe: str = "paper"  # the training recipe's name (the manifest carries all of it)
     sample_version: str | None = None  # the model to sample from (the recipe's EMA), if any
+    privacy: PrivacyReport | None = None  # DP settings and epsilon spent; None: not private
 
 
 class UploadReceipt(_Model):
