@@ -6,7 +6,10 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from pydantic import ValidationError
+
 from feddiffuse.shared.errors import UserError
+from feddiffuse.shared.privacy import PrivacySettings
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
@@ -28,6 +31,8 @@ class FederationSettings:
     # A built-in recipe's name, or (once validated, and as stored) the whole recipe as a dict,
     # so that a hub keeps training the way it was created even if a built-in one changes.
     recipe: str | dict = field(default=DEFAULT_RECIPE)
+    # Differential privacy (feddiffuse.shared.privacy.PrivacySettings as a dict); None: none.
+    privacy: dict | None = None
 
     def validated(self) -> FederationSettings:
         """These settings with defaults resolved; raises UserError on a bad value."""
@@ -56,6 +61,12 @@ class FederationSettings:
             raise UserError("--batch-size must be at least 1.")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError("--lr must be a positive number.")
+        if self.privacy is not None:
+            try:
+                PrivacySettings.model_validate(self.privacy)
+            except ValidationError as exc:
+                raise UserError(f"Bad privacy settings: {exc.errors()[0]['msg']}; check the "
+                                "--dp options.") from None
         base = (recipe_from_dict(self.recipe) if isinstance(self.recipe, dict)
                 else get_recipe(self.recipe))
         recipe = base.with_overrides(lr=self.lr, loss=self.loss, batch_size=self.batch_size)
@@ -70,6 +81,10 @@ class FederationSettings:
         if not isinstance(self.recipe, dict):
             return self.validated().training_recipe
         return recipe_from_dict(self.recipe)
+
+    @property
+    def privacy_settings(self) -> PrivacySettings | None:
+        return None if self.privacy is None else PrivacySettings.model_validate(self.privacy)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from feddiffuse.shared.methods import shared_segments
+from feddiffuse.shared.privacy import PrivacyReport
 from feddiffuse.shared.protocol import (
     FederationInfo,
     HubStatus,
@@ -32,22 +33,26 @@ def _maybe_datetime(t: float | None) -> datetime | None:
     return None if t is None else to_datetime(t)
 
 
-def federation_info(fed: FederationRow, layout: ModelLayout) -> FederationInfo:
+def federation_info(fed: FederationRow, layout: ModelLayout,
+                    privacy: PrivacyReport | None = None) -> FederationInfo:
     s = fed.settings
     return FederationInfo(name=s.name, preset=s.preset, method=s.method, rounds=s.rounds,
                           local_epochs=s.local_epochs, min_clients=s.min_clients,
                           round_timeout_s=s.round_timeout_s, current_round=fed.current_round,
                           finished=fed.finished, parameters=layout.parameter_counts(),
-                          recipe=s.training_recipe.name, sample_version=fed.sample_version)
+                          recipe=s.training_recipe.name, sample_version=fed.sample_version,
+                          privacy=privacy)
 
 
-def manifest(store: HubStore, client: str, now: float) -> Manifest:
+def manifest(store: HubStore, client: str, now: float,
+             privacy: PrivacyReport | None = None) -> Manifest:
     fed = store.federation()
     s = fed.settings
     r = fed.current_round
     common: dict[str, Any] = dict(
         federation=s.name, client_id=client, round=r, rounds=s.rounds, method=s.method,
-        preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version)
+        preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version,
+        privacy=privacy)
     training = TrainingSettings(local_epochs=s.local_epochs,
                                 **recipe_training_fields(s.training_recipe))
     if fed.finished:
@@ -124,7 +129,8 @@ def _open_round_note(r: int, row: RoundRow, quorum: int, reported: list[str],
 
 def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
                pending_bytes_out: Mapping[int, int] | None = None,
-               aggregation_error: str | None = None) -> HubStatus:
+               aggregation_error: str | None = None,
+               privacy: PrivacyReport | None = None) -> HubStatus:
     """The admin's view, from the store (and what a serving hub holds in memory: download
     bytes not yet written, the last aggregation failure)."""
     fed = store.federation()
@@ -145,6 +151,13 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
     if fed.finished:
         note = (f"The federation finished after {s.rounds} round(s); the final global model is "
                 f"version {fed.current_version[:12]}... (feddiffuse-hub export).")
+    elif (current is None or current_row is None) and privacy is not None \
+            and not privacy.budget_allows_next:
+        from feddiffuse.shared.privacy.accountant import budget_refusal
+
+        why = budget_refusal(privacy.settings, privacy.rounds_released, r) or ""
+        note = (why[0].upper() + why[1:] + "; the federation cannot go on within its budget "
+                "(feddiffuse-hub export writes its model).")
     elif current is None or current_row is None:
         enrolled = len(store.enrolled_clients())
         note = (f"Round {r} waits for clients: {enrolled} enrolled, it opens with at least "
@@ -160,6 +173,6 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
         removed = [p.client for p in participants if p.removed]
         note = _open_round_note(r, current_row, s.min_clients, current.reported, awaited,
                                 removed, len(store.enrolled_clients()), now)
-    return HubStatus(federation=federation_info(fed, layout), current=current,
+    return HubStatus(federation=federation_info(fed, layout, privacy), current=current,
                      deadline=_maybe_datetime(deadline), waiting_for_quorum=waiting,
                      history=history, note=note)
