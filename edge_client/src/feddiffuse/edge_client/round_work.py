@@ -25,6 +25,7 @@ import torch
 from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import build_unet, segment_map
+from feddiffuse.shared.privacy.mechanism import privatize_upload
 from feddiffuse.shared.protocol import Manifest
 from feddiffuse.shared.recipes import Recipe, update_ema
 from feddiffuse.shared.training import EpochReport, TrainConfig, train_local
@@ -143,11 +144,21 @@ class RoundWork:
         self._keep_local_state(trained, seg_of, personal_segs)
         upload = set(m.upload_segments)
         delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
+        num_samples, mean_loss = int(images.shape[0]), record.mean_loss()
+        privacy = m.privacy.settings if m.privacy is not None else None
+        if privacy is not None:  # clip (local DP: and noise) before any encoding
+            private = privatize_upload(delta, privacy)
+            delta = private.tensors
+            self.emit(ev.LogEvent(f"Round {r}: {private.describe(privacy)}."))
+            if privacy.mode == "local":  # nothing un-noised about the data leaves
+                num_samples, mean_loss = 1, None
         meta: dict[str, object] = {
             "kind": "delta", "preset": m.preset, "round": r, "base_version": m.global_version,
-            "num_samples": int(images.shape[0]), "segments": ",".join(m.upload_segments),
+            "num_samples": num_samples, "segments": ",".join(m.upload_segments),
         }
-        mean_loss = record.mean_loss()
+        if privacy is not None:
+            meta["privacy"] = (f"{privacy.mode} clip={privacy.clip:g} noise_std="
+                               f"{private.noise_std:g} noise={privacy.noise}")
         if mean_loss is not None:
             meta["mean_loss"] = f"{mean_loss:.6g}"
         atomic_write_bytes(upload_path, encode_tensors(delta, meta))
