@@ -17,6 +17,13 @@ from ..experiment_protocol import (
     SAMPLER_HELP,
 )
 from ..methods import METHODS
+from ..privacy.options import (
+    DP_BUDGET_HELP,
+    DP_CLIP_HELP,
+    DP_DELTA_HELP,
+    DP_HELP,
+    DP_NOISE_HELP,
+)
 from ..recipes import RECIPE_HELP
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
@@ -80,6 +87,11 @@ def simulate(
         help="Personal models (ulatdec, udec): 'each' samples N from every client's model, "
              "'split' shares N among them.")] = "each",
     inception_weights: Annotated[str | None, typer.Option(help=INCEPTION_HELP)] = None,
+    dp: Annotated[str | None, typer.Option(help=DP_HELP)] = None,
+    dp_clip: Annotated[float | None, typer.Option(help=DP_CLIP_HELP)] = None,
+    dp_noise_multiplier: Annotated[float | None, typer.Option(help=DP_NOISE_HELP)] = None,
+    dp_delta: Annotated[float | None, typer.Option(help=DP_DELTA_HELP)] = None,
+    dp_epsilon_budget: Annotated[float | None, typer.Option(help=DP_BUDGET_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a federated simulation and write report.json, samples.png and the weights."""
@@ -94,7 +106,9 @@ def simulate(
             sample_steps=sample_steps, eval_samples=eval_samples, eval_steps=eval_steps,
             eval_metrics=eval_metrics, eval_personal=eval_personal,
             inception_weights=inception_weights, protocol=protocol, sampler=sampler,
-            clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every)
+            clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every, dp=dp,
+            dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+            dp_epsilon_budget=dp_epsilon_budget)
         log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         report = run_simulation(config, log=log)
         if as_json:
