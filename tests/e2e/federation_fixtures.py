@@ -83,7 +83,7 @@ class Federation:
                  clients: Sequence[str] = ("client-00", "client-01"), rounds: int = 2,
                  local_epochs: int = 1, min_clients: int | None = None,
                  round_timeout: float | None = None, seed: int = 0, batch_size: int = 16,
-                 lr: float = 1e-3) -> None:
+                 lr: float = 1e-3, init_args: Sequence[str] = ()) -> None:
         self.work, self.data, self.method = work, data, method
         self.clients = tuple(clients)
         self.rounds, self.seed = rounds, seed
@@ -95,6 +95,7 @@ class Federation:
                 "--batch-size", str(batch_size), "--lr", str(lr)]
         if round_timeout is not None:
             args += ["--round-timeout", str(round_timeout)]
+        args += list(init_args)
         self.admin = TOKEN_LINE.findall(run_cli(*args))[-1]
         self.tokens = {c: TOKEN_LINE.findall(run_cli("feddiffuse-hub", "token", "create",
                                                       str(self.root), c))[-1]
