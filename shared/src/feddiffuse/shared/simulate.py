@@ -349,6 +349,7 @@ class _Round:
     started: float
     payloads: dict[tuple[str, ...], bytes] = field(default_factory=dict)
     clients: list[dict] = field(default_factory=list)
+    update_norms: dict[str, float] = field(default_factory=dict)  # DP: before the clip
 
 
 def _open_round(run: _Run, r: int) -> _Round:
@@ -416,7 +417,9 @@ def _upload(run: _Run, rnd: _Round, cid: str, trained: Weights) -> bytes:
     delta = {n: trained[n] - run.global_state[n] for n in upload_shapes}
     num_samples = run.sizes[cid]
     if run.privacy is not None:  # clip (local DP: and noise) before encoding, as a client does
-        delta = privatize_upload(delta, run.privacy).tensors
+        private = privatize_upload(delta, run.privacy)
+        delta = private.tensors
+        rnd.update_norms[cid] = private.norm_before
         if run.privacy.mode == "local":
             num_samples = 1
     return encode_tensors(delta, {"kind": "delta", "preset": run.preset.name, "round": rnd.index,
@@ -472,7 +475,9 @@ def _run_round(run: _Run, r: int, log: Log) -> None:
         plan = rnd.state.plans[cid]
         rnd.clients.append({"client": cid, "samples": run.sizes[cid],
                             "mean_loss": result.mean_loss, "uploaded": list(plan.upload),
-                            "downloaded": list(plan.download)})
+                            "downloaded": list(plan.download),
+                            **({"update_norm": rnd.update_norms[cid]}
+                               if cid in rnd.update_norms else {})})
     _finalize(run, rnd, log)                                  # 5. the hub aggregates
 
 
