@@ -29,7 +29,7 @@ from feddiffuse.shared.simulate import SimulationConfig, run_simulation
 
 # (mode, noise multiplier); None: no DP
 SETTINGS: list[tuple[str | None, float | None]] = [
-    (None, None), ("central", 1.0), ("central", 0.3), ("central", 0.03), ("local", 0.03)]
+    (None, None), ("central", 1.0), ("central", 0.03), ("local", 0.03)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,9 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--limit", type=int, default=500, help="Fashion-MNIST images in all")
+    p.add_argument("--limit", type=int, default=250, help="Fashion-MNIST images in all")
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--samples", type=int, default=200, help="evaluation samples per cell")
+    p.add_argument("--samples", type=int, default=100, help="evaluation samples per cell")
     p.add_argument("--methods", nargs="+", default=["full", "udec"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results here")

@@ -69,3 +69,20 @@ def test_experiment_takes_the_dp_options(tmp_path):
     bad = CliRunner().invoke(app, ["experiment", "cpu-small", "--out", str(tmp_path / "g"),
                                    "--dry-run", "--dp", "local", "--dp-clip", "1"])
     assert bad.exit_code == 2 and "needs --dp-noise-multiplier" in bad.output
+
+
+def test_a_cell_finished_before_the_dp_settings_existed_still_counts_as_finished(tmp_path):
+    from dataclasses import asdict
+
+    from feddiffuse.shared.experiment import finished_report
+    from feddiffuse.shared.simulate import SimulationConfig
+
+    config = SimulationConfig(out=str(tmp_path / "cell"))
+    old = {k: v for k, v in asdict(config).items() if not k.startswith("dp")}
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "report.json").write_text(json.dumps({"config": old}))
+    assert finished_report(config) == {"config": old}
+    private = SimulationConfig(out=str(tmp_path / "cell"), dp="central", dp_clip=1.0,
+                               dp_noise_multiplier=1.0, dp_delta=1e-5)
+    with pytest.raises(Exception, match="was run with other settings"):
+        finished_report(private)
