@@ -84,7 +84,7 @@ class Federation:
                  local_epochs: int = 1, min_clients: int | None = None,
                  round_timeout: float | None = None, seed: int = 0, batch_size: int = 16,
                  lr: float = 1e-3, uplink_codec: str = "fp32",
-                 downlink_codec: str = "fp32") -> None:
+                 downlink_codec: str = "fp32", init_args: Sequence[str] = ()) -> None:
         self.work, self.data, self.method = work, data, method
         self.clients = tuple(clients)
         self.rounds, self.seed = rounds, seed
@@ -97,6 +97,7 @@ class Federation:
                 "--uplink-codec", uplink_codec, "--downlink-codec", downlink_codec]
         if round_timeout is not None:
             args += ["--round-timeout", str(round_timeout)]
+        args += list(init_args)
         self.admin = TOKEN_LINE.findall(run_cli(*args))[-1]
         self.tokens = {c: TOKEN_LINE.findall(run_cli("feddiffuse-hub", "token", "create",
                                                       str(self.root), c))[-1]

@@ -146,3 +146,42 @@ def test_mistakes_on_an_existing_hub(tmp_path):
     with Hub.open(root, serve=True):  # a second server on the same directory is refused
         res = run("serve", root)
         assert res.exit_code == 2 and "Another hub process" in res.stderr
+
+
+DP = ["--dp", "central", "--dp-clip", "1", "--dp-noise-multiplier", "1", "--dp-delta", "1e-5"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--dp", "central", "--dp-clip", "-1", "--dp-noise-multiplier", "1", "--dp-delta", "1e-5"],
+     "--dp-clip must be a positive number."),
+    (["--dp", "central", "--dp-clip", "1", "--dp-delta", "1e-5"],
+     "--dp central needs --dp-noise-multiplier Z"),
+    ([*DP, "--dp-epsilon-budget", "1"], "does not allow a single round"),
+    (["--dp-clip", "1"], "--dp-clip need --dp central or --dp local."),
+])
+def test_init_refuses_bad_dp_options_in_one_line_and_writes_nothing(tmp_path, extra, message):
+    root = tmp_path / "hub"
+    res = run("init", root, *INIT, *extra)
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.output and not root.exists()
+
+
+def test_init_with_dp_keeps_the_settings_and_status_shows_the_budget(tmp_path):
+    root = tmp_path / "hub"
+    res = run("init", root, *INIT, *DP, "--dp-epsilon-budget", "8")
+    assert res.exit_code == 0, res.output
+    assert "the budget allows" not in res.stderr  # both rounds fit
+    assert "central DP: clip 1, noise multiplier 1" in res.stderr
+    with Hub.open(root) as hub:
+        privacy = hub.settings.privacy_settings
+        status = hub.status()
+    assert privacy is not None and privacy.epsilon_budget == 8 and privacy.mode == "central"
+    assert status.federation.privacy is not None
+    assert status.federation.privacy.epsilon == 0 and status.federation.privacy.history == []
+    text = run("status", root).stdout
+    assert "epsilon spent: 0 of 8 after 0 released round(s)" in text
+    # Three rounds do not all fit: init says so (and the hub will stop opening rounds).
+    res = run("init", tmp_path / "hub3", "--preset", "tiny", "--method", "full", "--rounds",
+              "3", "--local-epochs", "1", *DP, "--dp-epsilon-budget", "8")
+    assert res.exit_code == 0 and "the budget allows 2 of the 3 rounds" in res.stderr

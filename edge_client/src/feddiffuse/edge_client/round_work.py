@@ -28,6 +28,7 @@ from feddiffuse.shared.diffusion import DiffusionSchedule
 from feddiffuse.shared.methods import personal_segments
 from feddiffuse.shared.model import build_unet, segment_map
 from feddiffuse.shared.payloads import upload_metadata
+from feddiffuse.shared.privacy.mechanism import privatize_upload
 from feddiffuse.shared.protocol import Manifest
 from feddiffuse.shared.recipes import Recipe, update_ema
 from feddiffuse.shared.training import EpochReport, TrainConfig, train_local
@@ -146,8 +147,21 @@ class RoundWork:
         self._keep_local_state(trained, seg_of, personal_segs)
         upload = set(m.upload_segments)
         delta = {n: trained[n] - held[n] for n in seg_of if seg_of[n] in upload}
-        meta = upload_metadata(m.preset, r, m.global_version, int(images.shape[0]),
-                               ",".join(m.upload_segments), record.mean_loss())
+        num_samples, mean_loss = int(images.shape[0]), record.mean_loss()
+        privacy = m.privacy.settings if m.privacy is not None else None
+        privacy_note = None
+        if privacy is not None:  # clip (local DP: and noise) before any encoding
+            private = privatize_upload(delta, privacy)
+            delta = private.tensors
+            self.emit(ev.LogEvent(f"Round {r}: {private.describe(privacy)}."))
+            if privacy.mode == "local":  # nothing un-noised about the data leaves
+                num_samples, mean_loss = 1, None
+            privacy_note = (f"{privacy.mode} clip={privacy.clip:g} noise_std="
+                            f"{private.noise_std:g} noise={privacy.noise}")
+        meta = upload_metadata(m.preset, r, m.global_version, num_samples,
+                               ",".join(m.upload_segments), mean_loss)
+        if privacy_note is not None:
+            meta["privacy"] = privacy_note
         self._write_upload(delta, meta, upload_path)
 
     def _write_upload(self, delta: dict[str, torch.Tensor], meta: dict[str, object],

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from feddiffuse.shared.privacy import PrivacyReport
 from feddiffuse.shared.protocol import FederationInfo, HubStatus, Manifest, UploadReceipt
 
 from . import status as status_view
@@ -20,6 +21,7 @@ from .blobs import BlobStore
 from .layout import ModelLayout
 from .lifecycle import RoundLifecycle
 from .paths import HubPaths, ServeLock
+from .privacy import privacy_report
 from .services import (
     Caller,
     DownloadService,
@@ -130,15 +132,21 @@ class Hub:
     # -- what clients and the admin read ---------------------------------------------------
 
     def federation_info(self) -> FederationInfo:
-        return status_view.federation_info(self.store.federation(), self.layout)
+        return status_view.federation_info(self.store.federation(), self.layout,
+                                           self.privacy())
 
     def manifest(self, client: str) -> Manifest:
-        return status_view.manifest(self.store, client, self.clock())
+        return status_view.manifest(self.store, client, self.clock(), self.privacy())
 
     def status(self) -> HubStatus:
         return status_view.hub_status(self.store, self.layout, self.clock(),
                                       pending_bytes_out=self.downloads.pending_bytes_out(),
-                                      aggregation_error=self.rounds.aggregation_error)
+                                      aggregation_error=self.rounds.aggregation_error,
+                                      privacy=self.privacy())
+
+    def privacy(self) -> PrivacyReport | None:
+        """The privacy settings and the epsilon spent so far (None: not a private one)."""
+        return privacy_report(self.store, self.settings.privacy_settings)
 
     @property
     def generation(self) -> int:

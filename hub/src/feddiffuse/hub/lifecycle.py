@@ -30,6 +30,7 @@ from feddiffuse.shared.seeds import training_seed
 from .blobs import BlobStore
 from .errors import HubError
 from .layout import ModelLayout
+from .privacy import budget_refusal, privacy_report
 from .replay import replay_round
 from .settings import FederationSettings
 from .status import to_datetime
@@ -133,6 +134,8 @@ class RoundLifecycle:
             return False
         row = self.store.round(fed.current_round)
         if row is None:
+            if ("budget", fed.current_round) in self._noted:
+                return False  # refused for the privacy budget, which only ever shrinks
             return (len(self.store.enrolled_clients()) >= self.settings.min_clients
                     or ("pending", fed.current_round) not in self._noted)
         if row.status != OPEN:
@@ -298,6 +301,10 @@ class RoundLifecycle:
 
     def _open_round(self, fed: FederationRow) -> bool:
         now = self.clock()
+        refused = budget_refusal(self.store, self.settings.privacy_settings, fed.current_round)
+        if refused is not None:
+            self._note_once("budget", fed.current_round, refused)
+            return False
         planned = self._plan(fed.current_round, fed.current_version, now)
         if planned is None:
             self._note_once("pending", fed.current_round, (
@@ -379,11 +386,17 @@ class RoundLifecycle:
         finished = r >= s.rounds
         seconds = time.perf_counter() - started
         with self._lock:
-            planned = None if finished else self._plan(r + 1, version, now)
+            refused = None if finished else budget_refusal(
+                self.store, s.privacy_settings, r + 1, releasing=1 if count else 0)
+            planned = None if finished or refused else self._plan(r + 1, version, now)
             what = (f"aggregated {count} update(s) in {seconds:.2f} s; global version "
                     f"{version[:12]}..." if count else
                     f"no update; the global version stays {version[:12]}...")
-            events = [NewEvent(now, r, "closed", f"round {r} closed: {what}")]
+            events = [NewEvent(now, r, "closed", f"round {r} closed: {what}"
+                               f"{self._privacy_note(count)}")]
+            if refused is not None:
+                self._noted.add(("budget", r + 1))
+                events.append(NewEvent(now, r + 1, "budget", refused))
             if finished:
                 events.append(NewEvent(now, r, "finished", f"federation finished after {r} "
                                        f"rounds; final global version {version[:12]}..."))
@@ -402,6 +415,22 @@ class RoundLifecycle:
         self._moved_on()
         if planned is None and not finished:
             self.tick()  # logs that the next round waits for clients
+
+    def _privacy_note(self, count: int) -> str:
+        """What a round just aggregated did for privacy, for its "closed" event."""
+        privacy = self.settings.privacy_settings
+        if privacy is None:
+            return ""
+        if not count:
+            return "; nothing released, no privacy spent"
+        report = privacy_report(self.store, privacy)
+        assert report is not None
+        who = ("the hub added Gaussian noise of std "
+               f"{privacy.noise_std:g} to the sum of clipped updates"
+               if privacy.mode == "central" else "the clients added the noise to their uploads")
+        return (f"; {privacy.mode} DP: {who} (noise: {privacy.noise}); epsilon "
+                f"{report.next_round_epsilon:.4g} at delta {privacy.delta:g} spent after "
+                f"{report.rounds_released + 1} released round(s)")
 
     def _update_sample_model(self, version: str, round_index: int) -> tuple[str, int] | None:
         """The recipe's EMA of the global model, advanced by the new global `version`, as a

@@ -44,7 +44,8 @@ def replay_round(store: HubStore, blobs: BlobStore, layout: ModelLayout,
         base = load_verified(blobs, row.base_version)
         state = RoundState.open(settings.method, r, [p.client for p in participants], base,
                                 layout.segment_of, settings.seed,
-                                strategy=settings.training_recipe.aggregation())
+                                strategy=settings.training_recipe.aggregation(
+                                    settings.privacy_settings))
         for p in participants:
             if state.plans[p.client].upload != p.upload:
                 raise RuntimeError(f"round {r}: the stored assignment of {p.client} differs "

@@ -7,7 +7,10 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from feddiffuse.shared.errors import UserError
+from feddiffuse.shared.privacy import PrivacySettings
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, Recipe, get_recipe, recipe_from_dict
 
 if TYPE_CHECKING:
@@ -34,6 +37,8 @@ class FederationSettings:
     recipe: str | dict = field(default=DEFAULT_RECIPE)
     uplink_codec: str = "fp32"  # feddiffuse.shared.codecs: how clients encode their updates
     downlink_codec: str = "fp32"  # how the hub sends models (lossy: updates from round 2)
+    # Differential privacy (feddiffuse.shared.privacy.PrivacySettings as a dict); None: none.
+    privacy: dict | None = None
 
     def validated(self) -> FederationSettings:
         """These settings with defaults resolved; raises UserError on a bad value."""
@@ -63,6 +68,12 @@ class FederationSettings:
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError("--lr must be a positive number.")
         links = self.links
+        if self.privacy is not None:
+            try:
+                PrivacySettings.model_validate(self.privacy)
+            except ValidationError as exc:
+                raise UserError(f"Bad privacy settings: {exc.errors()[0]['msg']}; check the "
+                                "--dp options.") from None
         base = (recipe_from_dict(self.recipe) if isinstance(self.recipe, dict)
                 else get_recipe(self.recipe))
         recipe = base.with_overrides(lr=self.lr, loss=self.loss, batch_size=self.batch_size)
@@ -86,6 +97,10 @@ class FederationSettings:
         if not isinstance(self.recipe, dict):
             return self.validated().training_recipe
         return recipe_from_dict(self.recipe)
+
+    @property
+    def privacy_settings(self) -> PrivacySettings | None:
+        return None if self.privacy is None else PrivacySettings.model_validate(self.privacy)
 
     def to_dict(self) -> dict:
         return asdict(self)

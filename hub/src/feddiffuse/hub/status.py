@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from feddiffuse.shared.methods import shared_segments
+from feddiffuse.shared.privacy import PrivacyReport
 from feddiffuse.shared.protocol import (
     FederationInfo,
     HubStatus,
@@ -33,14 +34,16 @@ def _maybe_datetime(t: float | None) -> datetime | None:
     return None if t is None else to_datetime(t)
 
 
-def federation_info(fed: FederationRow, layout: ModelLayout) -> FederationInfo:
+def federation_info(fed: FederationRow, layout: ModelLayout,
+                    privacy: PrivacyReport | None = None) -> FederationInfo:
     s = fed.settings
     return FederationInfo(name=s.name, preset=s.preset, method=s.method, rounds=s.rounds,
                           local_epochs=s.local_epochs, min_clients=s.min_clients,
                           round_timeout_s=s.round_timeout_s, current_round=fed.current_round,
                           finished=fed.finished, parameters=layout.parameter_counts(),
                           recipe=s.training_recipe.name, sample_version=fed.sample_version,
-                          uplink_codec=s.uplink_codec, downlink_codec=s.downlink_codec)
+                          uplink_codec=s.uplink_codec, downlink_codec=s.downlink_codec,
+                          privacy=privacy)
 
 
 def delta_base(store: HubStore, fed: FederationRow) -> str | None:
@@ -55,7 +58,8 @@ def delta_base(store: HubStore, fed: FederationRow) -> str | None:
     return row.base_version if recorded is not None else None
 
 
-def manifest(store: HubStore, client: str, now: float) -> Manifest:
+def manifest(store: HubStore, client: str, now: float,
+             privacy: PrivacyReport | None = None) -> Manifest:
     fed = store.federation()
     s = fed.settings
     r = fed.current_round
@@ -63,7 +67,7 @@ def manifest(store: HubStore, client: str, now: float) -> Manifest:
         federation=s.name, client_id=client, round=r, rounds=s.rounds, method=s.method,
         preset=s.preset, global_version=fed.current_version, sample_version=fed.sample_version,
         uplink_codec=s.uplink_codec, downlink_codec=s.downlink_codec,
-        delta_base=delta_base(store, fed))
+        delta_base=delta_base(store, fed), privacy=privacy)
     training = TrainingSettings(local_epochs=s.local_epochs,
                                 **recipe_training_fields(s.training_recipe))
     if fed.finished:
@@ -140,7 +144,8 @@ def _open_round_note(r: int, row: RoundRow, quorum: int, reported: list[str],
 
 def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
                pending_bytes_out: Mapping[int, int] | None = None,
-               aggregation_error: str | None = None) -> HubStatus:
+               aggregation_error: str | None = None,
+               privacy: PrivacyReport | None = None) -> HubStatus:
     """The admin's view, from the store (and what a serving hub holds in memory: download
     bytes not yet written, the last aggregation failure)."""
     fed = store.federation()
@@ -161,6 +166,13 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
     if fed.finished:
         note = (f"The federation finished after {s.rounds} round(s); the final global model is "
                 f"version {fed.current_version[:12]}... (feddiffuse-hub export).")
+    elif (current is None or current_row is None) and privacy is not None \
+            and not privacy.budget_allows_next:
+        from feddiffuse.shared.privacy.accountant import budget_refusal
+
+        why = budget_refusal(privacy.settings, privacy.rounds_released, r) or ""
+        note = (why[0].upper() + why[1:] + "; the federation cannot go on within its budget "
+                "(feddiffuse-hub export writes its model).")
     elif current is None or current_row is None:
         enrolled = len(store.enrolled_clients())
         note = (f"Round {r} waits for clients: {enrolled} enrolled, it opens with at least "
@@ -176,6 +188,6 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
         removed = [p.client for p in participants if p.removed]
         note = _open_round_note(r, current_row, s.min_clients, current.reported, awaited,
                                 removed, len(store.enrolled_clients()), now)
-    return HubStatus(federation=federation_info(fed, layout), current=current,
+    return HubStatus(federation=federation_info(fed, layout, privacy), current=current,
                      deadline=_maybe_datetime(deadline), waiting_for_quorum=waiting,
                      history=history, note=note)

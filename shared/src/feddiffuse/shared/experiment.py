@@ -275,7 +275,9 @@ def cell_config(spec: GridSpec, cell: Cell, out: Path) -> SimulationConfig:
 
 
 def _comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "out"}
+    # Settings left unset (None) compare equal to settings a report written before they
+    # existed does not name.
+    return {k: v for k, v in config.items() if k != "out" and v is not None}
 
 
 def finished_report(config: SimulationConfig) -> dict | None:

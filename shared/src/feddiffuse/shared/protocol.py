@@ -31,6 +31,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .privacy.settings import PrivacyReport
+
 API_PREFIX = "/api/v1"
 PROTOCOL_VERSION = 1
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
@@ -149,6 +151,9 @@ class Manifest(_Model):
     # (GET /models/{global_version}?base=...); a client holding it applies the update, any
     # other downloads the full model.
     delta_base: str | None = None
+    # Differential privacy (feddiffuse.shared.privacy): what to clip (and, local DP, noise)
+    # before encoding, and the epsilon spent so far; None: the federation is not private.
+    privacy: PrivacyReport | None = None
 
 
 class FederationInfo(_Model):
@@ -167,6 +172,7 @@ class FederationInfo(_Model):
     sample_version: str | None = None  # the model to sample from (the recipe's EMA), if any
     uplink_codec: str = "fp32"
     downlink_codec: str = "fp32"
+    privacy: PrivacyReport | None = None  # DP settings and epsilon spent; None: not private
 
 
 class UploadReceipt(_Model):

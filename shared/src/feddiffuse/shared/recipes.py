@@ -87,10 +87,15 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def aggregation(self):
-        """A fresh aggregation strategy for one round (FedAvg with this server step)."""
+    def aggregation(self, privacy=None):
+        """A fresh aggregation strategy for one round (FedAvg with this server step; with
+        `privacy`, a PrivacySettings, DP-FedAvg)."""
         from .aggregation import FedAvg
 
+        if privacy is not None:
+            from .aggregation.dp_fedavg import DPFedAvg
+
+            return DPFedAvg(privacy, server_lr=self.server_lr)
         return FedAvg(server_lr=self.server_lr)
 
     def train_config(self, *, epochs: int, images: int, round_index: int, rounds: int,

@@ -51,6 +51,10 @@ from .payloads import (
     upload_metadata,
     wire_subset,
 )
+from .privacy import PrivacySettings, privacy_from_options
+from .privacy.accountant import privacy_report, spent
+from .privacy.mechanism import privatize_upload
+from .privacy.options import check_budget
 from .recipes import DEFAULT_RECIPE, Recipe, get_recipe, update_ema
 from .rounds import RoundState, training_seed
 from .training import TrainResult, select_device, train_local
@@ -104,6 +108,16 @@ class SimulationConfig:
     eval_every: int = 0  # also evaluate after every N rounds (a metric curve); 0: only the end
     uplink_codec: str = "fp32"  # feddiffuse.shared.codecs; error feedback on the clients
     downlink_codec: str = "fp32"  # lossy: updates from round 2 on (feddiffuse.shared.payloads)
+    # Client-level differential privacy (feddiffuse.shared.privacy): None, "central", "local".
+    dp: str | None = None
+    dp_clip: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_delta: float | None = None
+    dp_epsilon_budget: float | None = None
+
+    def privacy(self) -> PrivacySettings | None:
+        return privacy_from_options(self.dp, self.dp_clip, self.dp_noise_multiplier,
+                                    self.dp_delta, self.dp_epsilon_budget)
 
     def resolved_protocol(self) -> Protocol:
         return get_protocol(self.protocol)
@@ -180,6 +194,12 @@ class SimulationConfig:
         if self.eval_every < 0:
             raise UserError("--eval-every must be 0 (only the final models) or a number of "
                             "rounds.")
+        privacy = self.privacy()
+        allowed = check_budget(privacy, self.rounds)
+        if privacy is not None and allowed < self.rounds:
+            raise UserError(f"--rounds {self.rounds} would spend more than the epsilon budget "
+                            f"{privacy.epsilon_budget:g}, which allows {allowed} round(s); "
+                            "lower --rounds or raise --dp-epsilon-budget.")
         if self.eval_every and not self.eval_samples:
             raise UserError("--eval-every needs --eval-samples (the images scored each time).")
         if self.eval_samples:
@@ -294,6 +314,7 @@ class _Run:
     previous_version: str = ""
     rounds_report: list[dict] = field(default_factory=list)
     curve: list[dict] = field(default_factory=list)
+    privacy: PrivacySettings | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -329,7 +350,8 @@ def _start(config: SimulationConfig, recipe: Recipe, device: torch.device, devic
     run = _Run(config=config, recipe=recipe, preset=preset, device=device,
                device_reason=device_reason, data_name=data_name, images=images, model=model,
                seg_of=segment_map(model), counts=count_parameters(model),
-               global_state=first, links=links, initial_wire=initial_wire)
+               global_state=first, links=links, initial_wire=initial_wire,
+               privacy=config.privacy())
     log(f"FedDiffuse simulation: {config.method} on {data_name}, {len(run.ids)} client(s), "
         f"{config.rounds} round(s) x {config.local_epochs} local epoch(s), split {config.split}")
     log(f"  preset {preset.name} ({run.counts['total_params']:,} parameters), "
@@ -341,6 +363,8 @@ def _start(config: SimulationConfig, recipe: Recipe, device: torch.device, devic
     log(f"  protocol {config.protocol}: {config.eval_sampler().describe()}"
         + (f", personal models {config.resolved_personal_model()}"
            if has_personal_models(config.method) else ""))
+    if run.privacy is not None:
+        log(f"  privacy: {run.privacy.describe()}")
     log("  client sizes: " + ", ".join(f"{c}={n}" for c, n in run.sizes.items()))
     return run
 
@@ -358,13 +382,15 @@ class _Round:
     base_version: str = ""  # the previous round's version (a lossy downlink's delta base)
     payloads: dict[tuple[str, ...], bytes] = field(default_factory=dict)
     clients: list[dict] = field(default_factory=list)
+    update_norms: dict[str, float] = field(default_factory=dict)  # DP: before the clip
 
 
 def _open_round(run: _Run, r: int) -> _Round:
     """Step 1: the hub opens round r: participants, their assignments, the global version."""
     started = time.perf_counter()
     state = RoundState.open(run.config.method, r, run.ids, run.global_state, run.seg_of,
-                            seed=run.config.seed, strategy=run.recipe.aggregation())
+                            seed=run.config.seed,
+                            strategy=run.recipe.aggregation(run.privacy))
     # Hashed while streamed, without building the file in memory just to hash it.
     version, _ = write_tensors(_Discard(), run.global_state, global_metadata(run.preset.name, r))
     rnd = _Round(r, state, version, started, base_version=run.previous_version)
@@ -443,11 +469,18 @@ def _upload(run: _Run, rnd: _Round, cid: str, trained: Weights, mean_loss: float
     """Step 3: the client encodes `local - global` for its upload segments only."""
     upload_shapes = rnd.state.expected_upload_shapes(cid)
     delta = {n: trained[n] - run.global_state[n] for n in upload_shapes}
+    num_samples = run.sizes[cid]
+    if run.privacy is not None:  # clip (local DP: and noise) before encoding, as a client does
+        private = privatize_upload(delta, run.privacy)
+        delta = private.tensors
+        rnd.update_norms[cid] = private.norm_before
+        if run.privacy.mode == "local":
+            num_samples, mean_loss = 1, None
     residual = run.residuals.get(cid, {})
     wire, left = compress_with_feedback(delta, residual, run.links.uplink)
     if left:
         run.residuals[cid] = {**residual, **left}
-    meta = upload_metadata(run.preset.name, rnd.index, rnd.version, run.sizes[cid],
+    meta = upload_metadata(run.preset.name, rnd.index, rnd.version, num_samples,
                            ",".join(rnd.state.plans[cid].upload), mean_loss)
     return _payload(wire, meta, run.links.uplink)
 
@@ -483,13 +516,21 @@ def _finalize(run: _Run, rnd: _Round, log: Log) -> None:
     sizes = run.sizes
     mean_loss = sum(c["mean_loss"] * c["samples"] for c in rnd.clients) / sum(sizes.values())
     seconds = time.perf_counter() - rnd.started
-    run.rounds_report.append({"round": r, "clients": rnd.clients, "mean_loss": mean_loss,
-                              "ledger": tot, "cumulative_params": cum["total_params"],
-                              "cumulative_bytes": cum["total_bytes"], "seconds": seconds})
+    line = {"round": r, "clients": rnd.clients, "mean_loss": mean_loss,
+            "ledger": tot, "cumulative_params": cum["total_params"],
+            "cumulative_bytes": cum["total_bytes"], "seconds": seconds}
+    dp = ""
+    if run.privacy is not None:
+        line["privacy"] = {"epsilon": spent(run.privacy, r), "delta": run.privacy.delta,
+                           "noise": run.privacy.noise,
+                           "noise_added_by": "hub" if run.privacy.mode == "central"
+                           else "clients"}
+        dp = f", epsilon {line['privacy']['epsilon']:.4g} ({run.privacy.mode} DP)"
+    run.rounds_report.append(line)
     log(f"round {r}/{run.config.rounds} done: mean loss {mean_loss:.4f}, "
         f"{tot['total_params']:,} params / {tot['total_bytes'] / 1e6:.2f} MB exchanged "
         f"(cumulative {cum['total_params']:,} / {cum['total_bytes'] / 1e6:.2f} MB), "
-        f"{seconds:.1f} s")
+        f"{seconds:.1f} s{dp}")
 
 
 def _run_round(run: _Run, r: int, log: Log) -> None:
@@ -503,7 +544,9 @@ def _run_round(run: _Run, r: int, log: Log) -> None:
         plan = rnd.state.plans[cid]
         rnd.clients.append({"client": cid, "samples": run.sizes[cid],
                             "mean_loss": result.mean_loss, "uploaded": list(plan.upload),
-                            "downloaded": list(plan.download)})
+                            "downloaded": list(plan.download),
+                            **({"update_norm": rnd.update_norms[cid]}
+                               if cid in rnd.update_norms else {})})
     _finalize(run, rnd, log)                                  # 5. the hub aggregates
 
 
@@ -606,6 +649,8 @@ def _report(run: _Run, files: dict[str, str], samples_path: Path | None,
         "files": {"weights": files, "samples": str(samples_path) if samples_path else None},
         "evaluation": evaluation,
         "curve": run.curve or None,
+        "privacy": None if run.privacy is None else privacy_report(
+            run.privacy, [line["round"] for line in run.rounds_report]).model_dump(),
         "seconds": time.perf_counter() - started,
     }
 

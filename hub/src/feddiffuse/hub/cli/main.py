@@ -9,6 +9,14 @@ from typing import Annotated
 
 import typer
 
+from feddiffuse.shared.privacy.options import (
+    DP_BUDGET_HELP,
+    DP_CLIP_HELP,
+    DP_DELTA_HELP,
+    DP_HELP,
+    DP_NOISE_HELP,
+    check_budget,
+)
 from feddiffuse.shared.recipes import DEFAULT_RECIPE, RECIPE_HELP
 
 from ..limits import ServeLimits
@@ -68,22 +76,37 @@ def init(
     downlink_codec: Annotated[str, typer.Option(
         help="How the hub sends models: fp32 (the weights), or a lossy codec (the initial "
              "model in its dense form, then each round's update).")] = "fp32",
+    dp: Annotated[str | None, typer.Option(help=DP_HELP)] = None,
+    dp_clip: Annotated[float | None, typer.Option(help=DP_CLIP_HELP)] = None,
+    dp_noise_multiplier: Annotated[float | None, typer.Option(help=DP_NOISE_HELP)] = None,
+    dp_delta: Annotated[float | None, typer.Option(help=DP_DELTA_HELP)] = None,
+    dp_epsilon_budget: Annotated[float | None, typer.Option(help=DP_BUDGET_HELP)] = None,
 ) -> None:
     """Create a hub: a SQLite database, a blob folder and the initial global model."""
+    from feddiffuse.shared.privacy import privacy_from_options
+
     from ..create import init_hub
     from ..settings import FederationSettings
 
     with user_errors():
+        privacy = privacy_from_options(dp, dp_clip, dp_noise_multiplier, dp_delta,
+                                       dp_epsilon_budget)
+        allowed = check_budget(privacy, rounds)
         settings = FederationSettings(
             name=name or hub_dir.resolve().name or "feddiffuse", preset=preset, method=method,
             rounds=rounds, local_epochs=local_epochs, min_clients=min_clients,
             round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr,
-            recipe=recipe, uplink_codec=uplink_codec, downlink_codec=downlink_codec)
+            recipe=recipe, uplink_codec=uplink_codec, downlink_codec=downlink_codec,
+            privacy=None if privacy is None else privacy.model_dump())
         token, version_ = init_hub(hub_dir, settings)
     typer.echo(f"Created hub {settings.name!r} in {hub_dir}: {method} on {preset}, {rounds} "
                f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}, recipe "
                f"{recipe}, codecs up {uplink_codec} / down {downlink_codec}; initial "
                f"global version {version_[:16]}...", err=True)
+    if privacy is not None:
+        typer.echo(f"Privacy: {privacy.describe()}"
+                   + (f"; the budget allows {allowed} of the {rounds} rounds, after which the "
+                      "hub opens no more" if allowed < rounds else ""), err=True)
     typer.echo("Admin token (shown once; keep it safe):", err=True)
     typer.echo(token)
 

@@ -27,6 +27,15 @@ def render_status(status: HubStatus, now: datetime) -> str:
         f"method {f.method}, {f.rounds} round(s) x {f.local_epochs} local epoch(s), "
         f"quorum {f.min_clients}, round timeout {timeout}, recipe {f.recipe}",
     ]
+    if f.privacy is not None:
+        p = f.privacy
+        lines.append(f"Privacy: {p.settings.describe()}")
+        per_round = ", ".join(f"r{h.round} {h.epsilon:.4g}" for h in p.history)
+        lines.append(f"  epsilon spent: {p.epsilon:.4g}"
+                     + (f" of {p.epsilon_budget:g}" if p.epsilon_budget is not None else "")
+                     + f" after {p.rounds_released} released round(s)"
+                     + (f" ({per_round})" if per_round else "")
+                     + f"; the next round would bring it to {p.next_round_epsilon:.4g}")
     if f.finished:
         lines.append(f"State: finished after {f.rounds} round(s).")
     else:

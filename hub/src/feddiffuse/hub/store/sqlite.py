@@ -256,6 +256,9 @@ class SqliteStore(HubStore):
                                             s.batch_size, s.lr, s.loss, now, initial.version,
                                             json.dumps(s.recipe, sort_keys=True),
                                             s.uplink_codec, s.downlink_codec))
+            if s.privacy is not None:  # fixed at creation; a key of its own, no new column
+                tx.run("INSERT INTO meta VALUES ('privacy', ?)",
+                       (json.dumps(s.privacy, sort_keys=True),))
             tx.run("INSERT INTO tokens VALUES ('admin', 'admin', ?, ?, NULL)",
                    (admin_token_hash, now))
             _insert_event(tx, NewEvent(now, None, "created",
@@ -273,8 +276,15 @@ class SqliteStore(HubStore):
         settings = FederationSettings(name, preset, method, rounds, local_epochs, min_clients,
                                       round_timeout_s, seed, batch_size, lr, loss,
                                       recipe=json.loads(row[15]), uplink_codec=row[17],
-                                      downlink_codec=row[18])
+                                      downlink_codec=row[18], privacy=self._privacy())
         return FederationRow(settings, row[11], row[12], row[13], row[14], row[16])
+
+    def _privacy(self) -> dict | None:
+        """The federation's privacy settings (written once, at creation: read once)."""
+        if not hasattr(self, "_privacy_read"):
+            row = self._one("SELECT value FROM meta WHERE key = 'privacy'")
+            self._privacy_read = None if row is None else json.loads(row[0])
+        return None if self._privacy_read is None else dict(self._privacy_read)
 
     # -- tokens -----------------------------------------------------------------------------
 

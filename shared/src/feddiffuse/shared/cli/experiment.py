@@ -29,6 +29,13 @@ from ..experiment_protocol import (
     get_protocol,
 )
 from ..experiment_report import write_report
+from ..privacy.options import (
+    DP_BUDGET_HELP,
+    DP_CLIP_HELP,
+    DP_DELTA_HELP,
+    DP_HELP,
+    DP_NOISE_HELP,
+)
 
 
 def experiment(
@@ -62,6 +69,11 @@ def experiment(
     )] = None,
     downlink_codec: Annotated[str | None, typer.Option(
         help="Codec of every cell's downloads (default: the grid's, else fp32).")] = None,
+    dp: Annotated[str | None, typer.Option(help=DP_HELP + " Default: the grid's.")] = None,
+    dp_clip: Annotated[float | None, typer.Option(help=DP_CLIP_HELP)] = None,
+    dp_noise_multiplier: Annotated[float | None, typer.Option(help=DP_NOISE_HELP)] = None,
+    dp_delta: Annotated[float | None, typer.Option(help=DP_DELTA_HELP)] = None,
+    dp_epsilon_budget: Annotated[float | None, typer.Option(help=DP_BUDGET_HELP)] = None,
 ) -> None:
     """Run every unfinished cell of GRID and write results.csv, results.md and the plots.
 
@@ -79,7 +91,9 @@ def experiment(
         spec = with_overrides(spec, protocol=protocol, sampler=sampler, eval_steps=steps,
                               clip_x0=clip_x0, personal_model=personal_model,
                               eval_every=eval_every, uplink_codec=uplink_codec,
-                              downlink_codec=downlink_codec)
+                              downlink_codec=downlink_codec, dp=dp, dp_clip=dp_clip,
+                              dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+                              dp_epsilon_budget=dp_epsilon_budget)
         cells = grid_cells(spec)
         typer.echo(f"grid {spec.name} ({path}): {len(cells)} cells -> {out}; protocol "
                    f"{spec.simulation.get('protocol', 'product')}")

@@ -18,6 +18,13 @@ from ..experiment_protocol import (
     SAMPLER_HELP,
 )
 from ..methods import METHODS
+from ..privacy.options import (
+    DP_BUDGET_HELP,
+    DP_CLIP_HELP,
+    DP_DELTA_HELP,
+    DP_HELP,
+    DP_NOISE_HELP,
+)
 from ..recipes import RECIPE_HELP
 from ..simulate import SimulationConfig, run_simulation
 from ..training import DEVICE_CHOICES
@@ -85,6 +92,11 @@ def simulate(
         help=f"Codec of the clients' uploads, with error feedback: {CODEC_HELP}")] = "fp32",
     downlink_codec: Annotated[str, typer.Option(
         help="Codec of the hub's downloads (lossy: updates from round 2 on).")] = "fp32",
+    dp: Annotated[str | None, typer.Option(help=DP_HELP)] = None,
+    dp_clip: Annotated[float | None, typer.Option(help=DP_CLIP_HELP)] = None,
+    dp_noise_multiplier: Annotated[float | None, typer.Option(help=DP_NOISE_HELP)] = None,
+    dp_delta: Annotated[float | None, typer.Option(help=DP_DELTA_HELP)] = None,
+    dp_epsilon_budget: Annotated[float | None, typer.Option(help=DP_BUDGET_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Run a federated simulation and write report.json, samples.png and the weights."""
@@ -100,7 +112,9 @@ def simulate(
             eval_metrics=eval_metrics, eval_personal=eval_personal,
             inception_weights=inception_weights, protocol=protocol, sampler=sampler,
             clip_x0=clip_x0, personal_model=personal_model, eval_every=eval_every,
-            uplink_codec=uplink_codec, downlink_codec=downlink_codec)
+            uplink_codec=uplink_codec, downlink_codec=downlink_codec, dp=dp,
+            dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+            dp_epsilon_budget=dp_epsilon_budget)
         log = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
         report = run_simulation(config, log=log)
         if as_json:

@@ -19,6 +19,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, RichLog, Sparkline, Static
 
 from feddiffuse.shared.errors import FedDiffuseError, UserError
+from feddiffuse.shared.privacy import PrivacyReport
 
 from ... import events as ev
 from ...backoff import Backoff
@@ -48,6 +49,15 @@ def final_model_sentence(info: HubInfo) -> str:
         return (f"{name} is finished{after}, but no model of it was downloaded here; press r "
                 "to ask the hub for it.")
     return f"{name} is finished{after}: {model} is on this computer; press s to draw samples."
+
+
+def privacy_text(privacy: PrivacyReport | None) -> str:
+    """The privacy spent, for the round line ("" for a federation without DP)."""
+    if privacy is None:
+        return ""
+    budget = f" of {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else ""
+    return (f"; privacy spent: epsilon {privacy.epsilon:.3g}{budget} "
+            f"({privacy.settings.mode} DP, delta {privacy.settings.delta:g})")
 
 
 def short_error(error: str, url: str) -> str:
@@ -329,7 +339,8 @@ class Dashboard(Screen):
             f"as {m.client_id}")
         uploads = ", ".join(m.upload_segments) or "nothing"
         self.query_one("#round", Static).update(
-            f"Round {m.round} of {m.rounds} ({m.phase}); this round uploads {uploads}")
+            f"Round {m.round} of {m.rounds} ({m.phase}); this round uploads {uploads}"
+            + privacy_text(m.privacy))
         before, self.seen = self.seen, (m.round, str(m.phase), m.global_version)
         if before is None:
             self.log_line(f"Round {m.round} of {m.rounds} is {m.phase}.")
