@@ -4,7 +4,7 @@ Per segment s: global[s] += server_lr * (sum_k clip(delta_k)[s] + noise[s]) / n_
 clip(delta_k) scales client k's whole update (all its segments together) to L2 norm <= C,
 n_s is the number of clients that reported s (public under zero-out adjacency: see
 feddiffuse.shared.privacy) and, under central DP only, noise ~ N(0, (Z C)^2) on every
-coordinate of every reported segment, drawn once per round from an OS-seeded generator.
+coordinate of every reported segment, drawn from the OS's random source (os.urandom).
 Under local DP the clients have clipped and noised their uploads: the hub neither clips
 (that would cut the noise) nor adds noise; it takes the uniform mean.
 
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..privacy.mechanism import clip_update, os_random_generator
+from ..privacy.mechanism import clip_update, normal_noise
 from ..privacy.settings import PrivacySettings
 from .base import AggregationStrategy, SegmentedUpdate
 
@@ -28,7 +28,9 @@ class DPFedAvg(AggregationStrategy):
     name = "dp-fedavg"
 
     def __init__(self, privacy: PrivacySettings, server_lr: float = 1.0,
-                 generator: Callable[[], torch.Generator] = os_random_generator) -> None:
+                 generator: Callable[[], torch.Generator] | None = None) -> None:
+        """`generator`: only for tests that replay the noise; the product draws it from the
+        OS's random source."""
         if not server_lr > 0:
             raise ValueError("the server learning rate must be positive")
         self.privacy = privacy
@@ -77,7 +79,8 @@ class DPFedAvg(AggregationStrategy):
     def finalize(self) -> dict[str, torch.Tensor]:
         if self._global is None:
             raise RuntimeError("begin() must be called before finalize()")
-        gen = self._generator() if self.central and self._sums else None
+        noised = self.central and bool(self._sums)
+        gen = self._generator() if noised and self._generator is not None else None
         std = self.privacy.noise_std
         out: dict[str, torch.Tensor] = {}
         for name, value in self._global.items():
@@ -86,14 +89,13 @@ class DPFedAvg(AggregationStrategy):
                 out[name] = value
                 continue
             total = self._sums[name]
-            if gen is not None:
-                noise = torch.randn(tuple(total.shape), generator=gen, dtype=torch.float32)
-                total.add_(noise.mul_(std))
+            if noised:
+                total.add_(normal_noise(tuple(total.shape), gen).mul_(std))
             mean = total.div_(float(count))
             if self.server_lr != 1.0:
                 mean.mul_(self.server_lr)
             out[name] = mean.add_(value.to(torch.float32))
-        self.noise_added = gen is not None
+        self.noise_added = noised
         self._sums = {}
         return out
 

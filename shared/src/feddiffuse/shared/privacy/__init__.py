@@ -12,9 +12,11 @@ together as one vector) to L2 norm C, then
   delta itself, so the hub never sees an un-noised delta; the hub takes the uniform mean of
   what arrives.
 
-Noise is drawn on the party that adds it from a generator seeded from the operating system
-(`secrets.randbits`), never from the federation's public seed; rounds and reports record it as
-``noise: os-random``. Such runs are therefore not bit-reproducible.
+Noise is drawn on the party that adds it from the operating system's cryptographic random
+source (`os.urandom`, every draw from fresh bytes: no seed, no pseudo-random generator state),
+never from the federation's public seed; rounds and reports record it as ``noise: os-random``.
+Such runs are therefore not bit-reproducible. (The Gaussian is sampled in floating point;
+Mironov's attack on floating-point Laplace/Gaussian samplers is not defended against.)
 
 Neighbouring federations and sensitivity. Neighbours differ in one client's data replaced by
 nothing: its update replaced by zero ("zero-out" adjacency, Kairouz et al. 2021), so the

@@ -15,7 +15,7 @@ from ..errors import UserError
 
 PRIVACY_MODES: tuple[str, ...] = ("central", "local")
 ACCOUNTANT = "rdp"  # dp-accounting's RdpAccountant
-NOISE_SOURCE = "os-random"  # a generator seeded from secrets.randbits, never the public seed
+NOISE_SOURCE = "os-random"  # every draw from os.urandom, never from a seed
 
 
 class _Model(BaseModel):
