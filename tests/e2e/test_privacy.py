@@ -52,8 +52,8 @@ def test_central_dp_epsilon_after_every_round_and_no_round_past_the_budget(tmp_p
             fed.start_client(c)
         status = fed.wait_for(
             lambda s: s.federation.privacy is not None
-            and s.federation.privacy.rounds_released == 2 and s.current is None,
-            what="two released rounds and round 3 refused")
+            and s.federation.privacy.rounds_released == 2 and s.federation.finished,
+            what="two released rounds, then the federation ended by its budget")
         privacy = status.federation.privacy
         assert privacy is not None
         assert [h.round for h in privacy.history] == [1, 2]
@@ -61,14 +61,15 @@ def test_central_dp_epsilon_after_every_round_and_no_round_past_the_budget(tmp_p
             assert h.epsilon == pytest.approx(accountant_epsilon(z, h.round), rel=1e-9)
         assert privacy.epsilon == pytest.approx(accountant_epsilon(z, 2), rel=1e-9)
         assert privacy.epsilon_budget == budget
-        assert not status.federation.finished and status.federation.current_round == 3
-        assert status.note is not None and "Round 3 is not opened" in status.note
-        assert "over the budget of 8" in status.note
-        # The client sees the same figures in its manifest, and waits.
+        assert status.current is None and status.federation.current_round == 2
+        assert status.note is not None and "finished after 2 round(s) of 3 planned" in status.note
+        assert "privacy budget" in status.note
+        # The client sees the same figures in its manifest, and the federation's end.
         r = httpx.get(f"{fed.url}{API_PREFIX}/manifest", timeout=10,
                       headers={"Authorization": f"Bearer {fed.tokens['client-00']}"})
         manifest = Manifest.model_validate_json(r.content)
-        assert manifest.phase == "waiting" and manifest.privacy == privacy
+        assert manifest.phase == "finished" and manifest.round == 2
+        assert manifest.privacy == privacy
         # Each round's record says who added the noise and where it came from.
         store = open_store(HubPaths(fed.root).db)
         try:
@@ -80,8 +81,16 @@ def test_central_dp_epsilon_after_every_round_and_no_round_past_the_budget(tmp_p
         assert all("the hub added Gaussian noise of std 0.5" in m and "noise: os-random" in m
                    for m in closed)
         assert [e.round for e in events if e.kind == "budget"] == [3]
+        finished = [e for e in events if e.kind == "finished"]
+        assert len(finished) == 1 and finished[0].round == 2
+        assert "of 3 planned: the privacy budget allows no more" in finished[0].message
         text = run_cli("feddiffuse-hub", "status", str(fed.root))
         assert f"epsilon spent: {accountant_epsilon(z, 2):.4g} of 8" in text
+        # The clients end, holding the final model, instead of waiting for a round that
+        # cannot open.
+        fed.wait_clients()
+        for c in fed.clients:
+            assert "finished after 2 rounds" in fed.client_log(c).read_text()
         # Clipped, not noised, by the clients: the hub's store holds the raw clipped deltas.
         for u in fed.uploads():
             tensors = load_file(fed.blob(u.sha256))

@@ -421,11 +421,13 @@ class Participant:
         if manifest.sample_version is not None:
             self._ensure_sample_model(manifest)
         self.store.update_info(finished=True)
+        # manifest.round: the last round, which is before `rounds` when a privacy budget
+        # ended the federation early.
         self.emit(ev.PhaseEvent("finished", f"the federation {manifest.federation} finished "
-                                f"after {manifest.rounds} rounds"))
+                                f"after {manifest.round} rounds"))
         held = self.store.load_global().version or manifest.global_version
         self.emit(ev.LogEvent(f"The federation is finished and this client holds its final "
-                              f"model ({held[:12]}, after round {manifest.rounds}): sample from "
+                              f"model ({held[:12]}, after round {manifest.round}): sample from "
                               "it with `feddiffuse-client sample`."))
 
     def _ensure_sample_model(self, manifest: Manifest) -> None:

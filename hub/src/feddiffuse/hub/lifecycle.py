@@ -210,7 +210,7 @@ class RoundLifecycle:
         fed = self.store.federation()
         if fed.finished:
             raise HubError(ErrorCode.FEDERATION_FINISHED,
-                           f"the federation finished after {self.settings.rounds} rounds")
+                           f"the federation finished after {fed.current_round} rounds")
         return fed
 
     def _current_row(self, fed: FederationRow) -> RoundRow:
@@ -383,12 +383,14 @@ class RoundLifecycle:
             version, size, count, sample = base.version, base.bytes, 0, None
         crash_point("publish")
         now = self.clock()
-        finished = r >= s.rounds
         seconds = time.perf_counter() - started
         with self._lock:
-            refused = None if finished else budget_refusal(
+            refused = None if r >= s.rounds else budget_refusal(
                 self.store, s.privacy_settings, r + 1, releasing=1 if count else 0)
-            planned = None if finished or refused else self._plan(r + 1, version, now)
+            # A spent privacy budget ends the federation: no later round may open, and the
+            # clients then fetch this model as the final one instead of waiting for ever.
+            finished = r >= s.rounds or refused is not None
+            planned = None if finished else self._plan(r + 1, version, now)
             what = (f"aggregated {count} update(s) in {seconds:.2f} s; global version "
                     f"{version[:12]}..." if count else
                     f"no update; the global version stays {version[:12]}...")
@@ -399,7 +401,10 @@ class RoundLifecycle:
                 events.append(NewEvent(now, r + 1, "budget", refused))
             if finished:
                 events.append(NewEvent(now, r, "finished", f"federation finished after {r} "
-                                       f"rounds; final global version {version[:12]}..."))
+                                       f"rounds; final global version {version[:12]}..."
+                                       + ("" if refused is None else
+                                          f" (of {s.rounds} planned: the privacy budget "
+                                          "allows no more)")))
             elif planned is not None:
                 events.append(NewEvent(now, r + 1, "opened",
                                        self._opened_message(*planned)))

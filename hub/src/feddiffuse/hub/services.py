@@ -279,7 +279,7 @@ class UploadService:
                 return self._compare_ticket(existing, closed)
             if fed.finished:
                 raise HubError(ErrorCode.FEDERATION_FINISHED,
-                               f"the federation finished after {self.settings.rounds} rounds")
+                               f"the federation finished after {r} rounds")
             if round_index < r or row is not None:
                 raise closed
             if round_index > r:

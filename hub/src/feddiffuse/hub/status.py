@@ -164,7 +164,9 @@ def hub_status(store: HubStore, layout: ModelLayout, now: float, *,
                    and now >= deadline and len(current.reported) < s.min_clients)
     r = fed.current_round
     if fed.finished:
-        note = (f"The federation finished after {s.rounds} round(s); the final global model is "
+        early = (f" of {s.rounds} planned (the privacy budget allows no more)"
+                 if r < s.rounds else "")
+        note = (f"The federation finished after {r} round(s){early}; the final global model is "
                 f"version {fed.current_version[:12]}... (feddiffuse-hub export).")
     elif (current is None or current_row is None) and privacy is not None \
             and not privacy.budget_allows_next:

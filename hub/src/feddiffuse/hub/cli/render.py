@@ -37,7 +37,8 @@ def render_status(status: HubStatus, now: datetime) -> str:
                      + (f" ({per_round})" if per_round else "")
                      + f"; the next round would bring it to {p.next_round_epsilon:.4g}")
     if f.finished:
-        lines.append(f"State: finished after {f.rounds} round(s).")
+        lines.append(f"State: finished after {f.current_round} round(s)"
+                     + (f" of {f.rounds} planned." if f.current_round < f.rounds else "."))
     else:
         lines.append(f"State: round {f.current_round} of {f.rounds}.")
     c = status.current
