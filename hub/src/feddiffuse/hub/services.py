@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.protocol import ErrorCode, UploadReceipt
@@ -22,6 +21,7 @@ from .store import OPEN, HubStore
 from .store.base import (
     DownloadTotal,
     NewEvent,
+    RoundNotOpen,
     SegmentFileRow,
     TokenRevoked,
     UploadRow,
@@ -55,7 +55,7 @@ class Caller:
 
 @dataclass(frozen=True)
 class ServedFile:
-    path: Path
+    blobs: BlobStore  # the file is its blob `sha256`
     size: int
     sha256: str
     version: str
@@ -121,9 +121,9 @@ class DownloadService:
                            f"{exc}; segments are {', '.join(SEGMENTS)}") from None
         key = ",".join(segs or SEGMENTS)
         if key == ALL_KEY:
-            return ServedFile(self.blobs.path(version), row.bytes, version, version, key)
+            return ServedFile(self.blobs, row.bytes, version, version, key)
         seg_row = self.store.segment_file(version, key) or self.build_segment_file(row, key)
-        return ServedFile(self.blobs.path(seg_row.sha256), seg_row.bytes, seg_row.sha256,
+        return ServedFile(self.blobs, seg_row.bytes, seg_row.sha256,
                           version, key)
 
     def build_segment_file(self, row: VersionRow, key: str) -> SegmentFileRow:
@@ -297,6 +297,9 @@ class UploadService:
                         upload.received_at, ticket.round, "upload", message))
                 except TokenRevoked:  # revoked by another process a moment ago
                     raise revoked from None
+                except RoundNotOpen:  # closed by another replica a moment ago
+                    raise HubError(ErrorCode.ROUND_CLOSED, f"round {ticket.round} closed while "
+                                   "the upload arrived") from None
                 if not recorded:
                     raise HubError(ErrorCode.CONFLICT, f"{ticket.client} already uploaded for "
                                    f"round {ticket.round}")
