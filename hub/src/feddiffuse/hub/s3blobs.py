@@ -180,7 +180,7 @@ class S3BlobStore(BlobStore):
             raise UserError(f"Cannot use the bucket {where}: {detail}. Check that it exists, "
                             "the --s3-endpoint, and the AWS_ACCESS_KEY_ID / "
                             "AWS_SECRET_ACCESS_KEY in the environment.") from None
-        spool = Path(tempfile.mkdtemp(prefix="feddiffuse-hub-spool-"))
+        spool = Path(tempfile.mkdtemp(prefix=f"feddiffuse-hub-spool-{os.getpid()}-"))
         return cls(s3, bucket, prefix, spool)
 
     def key(self, sha256: str) -> str:
