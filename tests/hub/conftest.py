@@ -148,7 +148,9 @@ class Kit:
         m = self.manifest(http, token)
         assert m.phase == "open", m
         received = self.download(http, token, m)
-        shapes = {n: tuple(t.shape) for n, t in received.items()
+        # Sorted: the decoder's order varies, and the deltas must not (the replica tests
+        # send the same uploads to two hubs).
+        shapes = {n: tuple(t.shape) for n, t in sorted(received.items())
                   if segment_of(n) in m.upload_segments}
         deltas = self.delta(shapes, name, m.round)
         n = num_samples if num_samples is not None else 10 + len(name)
