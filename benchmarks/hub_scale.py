@@ -142,10 +142,17 @@ async def run_load(url: str, tokens: dict[str, str], concurrency: int,
     retries = 0
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
         async def manifest(name: str, token: str) -> None:
+            nonlocal retries
             async with gate:
-                started = time.perf_counter()
-                r = await http.get(f"{A}/manifest", headers={"Authorization": f"Bearer {token}"})
-                latencies.append(time.perf_counter() - started)
+                while True:
+                    started = time.perf_counter()
+                    r = await http.get(f"{A}/manifest",
+                                       headers={"Authorization": f"Bearer {token}"})
+                    latencies.append(time.perf_counter() - started)
+                    if r.status_code != 503:
+                        break
+                    retries += 1  # a balancer with no replica up answers 503, as the hub
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
                 r.raise_for_status()
                 manifests[name] = r.json()
 
@@ -178,7 +185,7 @@ async def run_load(url: str, tokens: dict[str, str], concurrency: int,
             "manifest_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
             "manifests_per_s": len(tokens) / manifest_s,
             "uploads_per_s": len(tokens) / upload_s, "upload_s": upload_s,
-            "upload_retries_503": retries}
+            "retries_503": retries}
 
 
 def measure(name: str, work: Path, clients: int, concurrency: int, delta, pg, s3
@@ -260,7 +267,7 @@ def table(results: dict[str, dict]) -> str:
              row("ratio to sqlite", lambda v: f"{v:.2f}", "ratio"),
              row("manifest p50 (ms)", lambda v: f"{v:.0f}", "manifest_p50_ms"),
              row("manifest p99 (ms)", lambda v: f"{v:.0f}", "manifest_p99_ms"),
-             row("uploads refused 503 (retried)", lambda v: f"{v}", "upload_retries_503"),
+             row("requests answered 503 (retried)", lambda v: f"{v}", "retries_503"),
              row("last upload -> published (s)", lambda v: f"{v:.1f}", "aggregate_s"),
              row("hub peak memory (MB)", many, "hub_peak_mb"),
              row("hub CPU (s)", many, "hub_cpu_s"),

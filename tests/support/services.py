@@ -98,8 +98,10 @@ class PostgresServer:
             self._as = ["runuser", "-u", "postgres", "--"]
         else:
             self.user = pwd.getpwuid(os.geteuid()).pw_name
-        # Not under pytest's 0700 tmp folders: the postgres user must reach it.
-        self.base = Path(tempfile.mkdtemp(prefix="feddiffuse-pg-"))
+        # Not under pytest's 0700 tmp folders (nor a private TMPDIR): the postgres user must
+        # reach it.
+        self.base = Path(tempfile.mkdtemp(prefix="feddiffuse-pg-",
+                                          dir="/tmp" if owner is not None else None))
         self.data = self.base / "data"
         self.log = self.base / "server.log"
         pwfile = self.base / "pw"
@@ -265,7 +267,7 @@ class HAProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = work / "haproxy.cfg"
         self.log = work / "haproxy.log"
-        servers = "\n".join(f"    server hub{i} {b} check inter 200ms fall 2 rise 1"
+        servers = "\n".join(f"    server hub{i} {b} check inter 500ms fall 2 rise 1"
                             for i, b in enumerate(backends))
         self.config.write_text(f"""global
     maxconn 4096
@@ -274,6 +276,8 @@ defaults
     timeout connect 2s
     timeout client 120s
     timeout server 120s
+    # A dead replica refuses connections at once; a busy one may take a while to answer.
+    timeout check 10s
     retries 3
     option redispatch
     retry-on conn-failure empty-response response-timeout
