@@ -183,3 +183,41 @@ def test_migrate_into_a_database_that_holds_a_hub_changes_nothing(tmp_path, kit,
     assert "holds a hub already" in one_sentence(res)
     assert sorted(p.name for p in setup.root.iterdir()) == ["blobs", "hub.sqlite3",
                                                              "serve.lock"]
+
+
+def test_one_replica_runs_the_rounds_and_another_takes_over_when_it_stops(tmp_path, kit,
+                                                                          pg_url):
+    """Two serving hubs on one database: the first holds the lease and runs the rounds; the
+    second takes uploads and admin requests, wakes its long polls when the first moves the
+    federation on, and takes the lease when the first stops."""
+    import threading
+
+    from support.wait import poll_until
+
+    setup = kit.make_hub(tmp_path / "hub", clients=("alice", "bob"), rounds=2,
+                         backends=Backends(store=pg_url))
+    a = Hub.open(setup.root, serve=True)
+    b = Hub.open(setup.root, serve=True)
+    try:
+        assert a._runs_lifecycle() and not b._runs_lifecycle()
+        http = kit.test_client(b)
+        kit.participate(http, "alice", setup.tokens["alice"])
+        assert not b.due()  # b never moves the rounds on
+        woke = threading.Event()
+        b.add_listener(woke.set)
+        b.housekeeping()  # its first look at the federation
+        r = http.post(f"{A}/admin/rounds/current/close", headers=setup.auth("admin"))
+        assert r.status_code == 200, r.text
+        assert b.store.round(1).status == "closing"  # recorded; the holder aggregates
+        a.tick()  # the holder aggregates and publishes, and opens round 2
+        assert a.store.round(1).status == "closed" and a.store.round(2) is not None
+        b.housekeeping()
+        assert woke.is_set()
+        a.close()  # the holder stops: its lease is free
+        poll_until(lambda: (b.tick(), b._runs_lifecycle())[1], "b takes the lease", 30)
+        for c in ("alice", "bob"):
+            kit.participate(http, c, setup.tokens[c])
+        poll_until(lambda: b.store.federation().finished, "b finishes round 2", 30)
+    finally:
+        b.close()
+        a.close()
