@@ -302,6 +302,12 @@ def main() -> None:
         for name in chosen:
             results[name] = measure(name, work, args.clients, args.concurrency, delta, pg, s3)
             print(f"[{name}] {json.dumps(results[name])}", flush=True)
+    except BaseException:
+        kept = Path(tempfile.mkdtemp(prefix="hub-scale-logs-"))
+        for log in work.glob("*/*.log"):
+            shutil.copy(log, kept / f"{log.parent.name}-{log.name}")
+        print(f"failed; the servers' logs are in {kept}", file=sys.stderr)
+        raise
     finally:
         for server in (pg, s3):
             if server is not None:

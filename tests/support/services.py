@@ -30,6 +30,10 @@ PG_PASSWORD = "pg-test-secret-9f3a"
 S3_ACCESS_KEY = "feddiffuse-test-key"
 S3_SECRET_KEY = "s3-test-secret-71cc"
 SERVICE_START_S = 120.0  # a bound for a stuck server, not a speed
+# SeaweedFS gives each bucket (a collection) volumes as soon as it is written to (2, with the
+# master.toml below; 7 by default), and refuses writes once its volumes are all taken
+# ("internal error"): room for ~200 buckets (volumes are sparse files of up to 64 MB).
+VOLUMES = 400
 
 
 class MissingTool(AssertionError):
@@ -198,14 +202,16 @@ class SeaweedS3:
         self.cmd = [self.exe, "server", f"-dir={self.base / 'data'}", "-ip=127.0.0.1",
                     "-ip.bind=127.0.0.1", "-s3", f"-s3.port={self.port}",
                     f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                    "-metricsPort=0", "-master.volumeSizeLimitMB=64", "-volume.max=30",
+                    "-metricsPort=0", "-master.volumeSizeLimitMB=64", f"-volume.max={VOLUMES}",
                     *[f"-{k}={v}" for k, v in ports.items()]]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> SeaweedS3:
+        # weed reads ./master.toml: a new bucket gets 2 volumes, not 7 (see VOLUMES).
+        (self.base / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 2\n")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, cwd=self.base)
         poll_until(self._ready, "SeaweedFS's S3 gateway answers", SERVICE_START_S,
                    interval=0.2, describe=lambda: _tail(self.log))
         return self
