@@ -45,6 +45,7 @@ from feddiffuse.shared.wire import encode_tensors  # noqa: E402
 
 HUB_EXE = shutil.which("feddiffuse-hub") or str(Path(sys.prefix) / "bin" / "feddiffuse-hub")
 SETUPS = ("sqlite", "postgresql+s3", "replicas")
+PARTS = (*SETUPS, "check")  # check: the cost of the lifecycle's per-request check
 
 
 # -- processes: memory and CPU from /proc ------------------------------------------------------
@@ -249,6 +250,28 @@ def measure(name: str, work: Path, clients: int, concurrency: int, delta, pg, s3
             s.stop()
 
 
+def check_cost(work: Path, clients: int, pg) -> dict[str, float]:
+    """Milliseconds of one `Hub.due()` (run before and after every request by the replica
+    that drives the rounds) and of one manifest, in-process, with `clients` participants in
+    an open round, on SQLite and on PostgreSQL."""
+    from feddiffuse.hub import Hub
+
+    out = {}
+    for name in ("sqlite", "postgresql"):
+        root = work / f"check-{name}" / "hub"
+        root.parent.mkdir(parents=True)
+        backends = Backends() if name == "sqlite" else Backends(store=pg.create_database())
+        make_hub(root, clients, backends)
+        with Hub.open(root, serve=True) as hub:
+            for what, step in (("due", hub.due), ("manifest", lambda: hub.manifest("c0001"))):
+                step()
+                started, n = time.perf_counter(), 20
+                for _ in range(n):
+                    step()
+                out[f"{name}_{what}_ms"] = 1000 * (time.perf_counter() - started) / n
+    return out
+
+
 def table(results: dict[str, dict]) -> str:
     names = list(results)
 
@@ -282,26 +305,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--only", default=",".join(SETUPS))
+    parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     chosen = [s for s in args.only.split(",") if s]
-    unknown = set(chosen) - set(SETUPS)
+    unknown = set(chosen) - set(PARTS)
     if unknown:
-        parser.error(f"unknown setup(s) {', '.join(sorted(unknown))}; choose from "
-                     f"{', '.join(SETUPS)}")
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(PARTS)}")
     torch.set_num_threads(1)
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     delta = decoder_delta()
     pg = s3 = None
     work = Path(tempfile.mkdtemp(prefix="hub-scale-"))
     results: dict[str, dict] = {}
+    check: dict[str, float] = {}
     try:
-        if any(s != "sqlite" for s in chosen):
+        if any(s not in ("sqlite", "check") for s in chosen):
             pg, s3 = PostgresServer().start(), SeaweedS3().start()
         for name in chosen:
+            if name == "check":
+                continue
             results[name] = measure(name, work, args.clients, args.concurrency, delta, pg, s3)
             print(f"[{name}] {json.dumps(results[name])}", flush=True)
+        if "check" in chosen:
+            if pg is None:
+                pg = PostgresServer().start()
+            os.environ.update(pg.env)
+            check = check_cost(work, args.clients, pg)
+            print(f"[check] {json.dumps(check)}", flush=True)
     except BaseException:
         kept = Path(tempfile.mkdtemp(prefix="hub-scale-logs-"))
         for log in work.glob("*/*.log"):
@@ -323,7 +355,15 @@ def main() -> None:
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     print(f"\n{args.clients} clients, concurrency {args.concurrency}, tiny udec deltas "
           f"(decoder, ~1 MB)\n")
-    print(table(results))
+    if results:
+        print(table(results))
+    if "check" in chosen:
+        print(f"\nThe lifecycle's check before and after every request (Hub.due) and one "
+              f"manifest, with {args.clients} participants in an open round, in-process:")
+        for name in ("sqlite", "postgresql"):
+            print(f"  {name}: due() {check[f'{name}_due_ms']:.1f} ms, manifest "
+                  f"{check[f'{name}_manifest_ms']:.1f} ms")
+        results["check"] = check
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
