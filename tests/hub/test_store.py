@@ -40,6 +40,7 @@ def blob_store(request, tmp_path) -> Listing:
     s3 = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
     blobs = S3BlobStore.connect(f"s3://{bucket}/pre/fix", endpoint=s3.endpoint)
+    request.addfinalizer(blobs.close)
 
     def names() -> list[str]:
         return [k.removeprefix("pre/fix/") for k in s3.keys(bucket)]

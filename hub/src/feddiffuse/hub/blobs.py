@@ -133,6 +133,10 @@ class BlobStore(ABC):
                         ) -> int:
         """Delete blobs no record refers to (see `remove_temporaries` for `older_than_s`)."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of what the store holds locally."""
+
 
 class FolderBlobStore(BlobStore):
     """The blob folder in the hub directory."""
@@ -200,6 +204,9 @@ class FolderBlobStore(BlobStore):
 
     def remove_temporaries(self, older_than_s: float | None = None) -> int:
         return _unlink_old(self.folder.glob(f"{TEMP_PREFIX}*"), older_than_s)
+
+    def close(self) -> None:
+        """The folder holds nothing open."""
 
     def collect_garbage(self, referenced: Iterable[str], older_than_s: float | None = None
                         ) -> int:

@@ -114,6 +114,7 @@ class Hub:
             raise ValueError("a hub without a directory needs a store and a blob bucket")
         lock = ServeLock(paths) if serve and paths and not backends.replicated else None
         store: HubStore | None = None
+        blobs: BlobStore | None = None
         lease: Lease | None = None
         try:
             store = backends.open_store(paths)
@@ -126,6 +127,8 @@ class Hub:
                 lock.release()
             if store is not None:
                 store.close()
+            if blobs is not None:
+                blobs.close()
             raise
         if serve:
             hub.recover()
@@ -144,6 +147,7 @@ class Hub:
             if self._lease is not None:
                 self._lease.release()
             self.store.close()
+            self.blobs.close()
             if self._serve_lock is not None:
                 self._serve_lock.release()
                 self._serve_lock = None

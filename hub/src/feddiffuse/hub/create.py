@@ -12,8 +12,10 @@ from feddiffuse.shared.errors import UserError
 from feddiffuse.shared.model import build_unet
 
 from .backends import Backends
+from .blobs import BlobStore
 from .paths import DIR_MODE, HubPaths
 from .settings import FederationSettings
+from .store import HubStore
 from .store.base import VersionRow
 from .tokens import hash_token, new_token
 from .weights import encode_global
@@ -40,9 +42,11 @@ def init_hub(root: str | Path, settings: FederationSettings, *,
                          settings.preset, 1)
     # The bucket and the database are reached (and the database found empty) before the
     # directory is made.
-    blobs = None if backends.blobs is None else backends.open_blobs(None)
-    store = None if backends.store is None else backends.open_store(None, create=True)
+    blobs: BlobStore | None = None
+    store: HubStore | None = None
     try:
+        blobs = None if backends.blobs is None else backends.open_blobs(None)
+        store = None if backends.store is None else backends.open_store(None, create=True)
         paths.root.mkdir(mode=DIR_MODE, exist_ok=True)
         os.chmod(paths.root, DIR_MODE)  # also when it existed, empty, or umask widened it
         if blobs is None:
@@ -60,4 +64,6 @@ def init_hub(root: str | Path, settings: FederationSettings, *,
     finally:
         if store is not None:
             store.close()
+        if blobs is not None:
+            blobs.close()
     return token, version

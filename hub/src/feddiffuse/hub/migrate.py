@@ -65,7 +65,11 @@ def migrate_hub(src_dir: str | Path, store_url: str, *, blobs: str | None = None
                                     "restore them before migrating.")
                 copied = 0
                 if target.blobs is not None:
-                    copied = _copy_blobs(src_blobs, target.open_blobs(None), referenced)
+                    dst_blobs = target.open_blobs(None)
+                    try:
+                        copied = _copy_blobs(src_blobs, dst_blobs, referenced)
+                    finally:
+                        dst_blobs.close()
                 tables = list(src.dump())
                 rows = dst.load(iter(tables))
                 for table, columns, expected in tables:

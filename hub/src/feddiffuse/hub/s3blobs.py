@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -243,6 +244,9 @@ class S3BlobStore(BlobStore):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    def close(self) -> None:
+        shutil.rmtree(self.spool, ignore_errors=True)
 
     def _objects(self) -> Iterator[dict]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
