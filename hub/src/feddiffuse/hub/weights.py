@@ -74,7 +74,7 @@ def write_encoded_blob(blobs: BlobStore, wire: Mapping[str, torch.Tensor],
 def load_decoded(blobs: BlobStore, sha: str, codec: Codec,
                  shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """Blob `sha` (a payload in `codec`, hash checked) decoded to fp32 tensors."""
-    data = blobs.path(sha).read_bytes()
+    data = blobs.read_bytes(sha)
     if hashlib.sha256(data).hexdigest() != sha:
         raise RuntimeError(f"blob {sha[:12]}... is damaged on disk (its sha256 changed)")
     return decode_payload(data, codec, shapes)[0]
@@ -82,9 +82,8 @@ def load_decoded(blobs: BlobStore, sha: str, codec: Codec,
 
 def load_verified(blobs: BlobStore, sha: str) -> dict[str, torch.Tensor]:
     """Load blob `sha`, after checking that its bytes still hash to its name."""
-    if blobs.hash_file(sha) != sha:
-        raise RuntimeError(f"blob {sha[:12]}... is damaged on disk (its sha256 changed)")
-    return load_file(blobs.path(sha))  # safetensors: never unpickled
+    with blobs.verified_file(sha) as path:
+        return load_file(path)  # safetensors: never unpickled
 
 
 def header_prefix(blobs: BlobStore, sha: str) -> bytes:

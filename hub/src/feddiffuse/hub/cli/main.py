@@ -34,6 +34,19 @@ app.add_typer(token_app, name="token")
 app.add_typer(round_app, name="round")
 
 
+StoreOption = Annotated[str | None, typer.Option(
+    "--store", help="State in PostgreSQL: postgresql://USER@HOST:PORT/DATABASE, no password "
+    "(PGPASSWORD, ~/.pgpass or a libpq service file). Default: SQLite in the hub directory.",
+    show_default=False)]
+BlobsOption = Annotated[str | None, typer.Option(
+    "--blobs", help="Blobs in S3: s3://BUCKET/PREFIX (keys from AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY). Default: the blob folder in the hub directory.",
+    show_default=False)]
+EndpointOption = Annotated[str | None, typer.Option(
+    "--s3-endpoint", help="URL of an S3-compatible service (default: AWS's).",
+    show_default=False)]
+
+
 @app.command()
 def version() -> None:
     """Print the hub's version and the core version it is pinned to."""
@@ -81,10 +94,15 @@ def init(
     dp_noise_multiplier: Annotated[float | None, typer.Option(help=DP_NOISE_HELP)] = None,
     dp_delta: Annotated[float | None, typer.Option(help=DP_DELTA_HELP)] = None,
     dp_epsilon_budget: Annotated[float | None, typer.Option(help=DP_BUDGET_HELP)] = None,
+    store: StoreOption = None,
+    blobs: BlobsOption = None,
+    s3_endpoint: EndpointOption = None,
 ) -> None:
-    """Create a hub: a SQLite database, a blob folder and the initial global model."""
+    """Create a hub: a SQLite database, a blob folder and the initial global model (or, with
+    --store and --blobs, a directory whose hub.json names the database and the bucket)."""
     from feddiffuse.shared.privacy import privacy_from_options
 
+    from ..backends import Backends
     from ..create import init_hub
     from ..settings import FederationSettings
 
@@ -92,13 +110,14 @@ def init(
         privacy = privacy_from_options(dp, dp_clip, dp_noise_multiplier, dp_delta,
                                        dp_epsilon_budget)
         allowed = check_budget(privacy, rounds)
+        backends = Backends(store, blobs, s3_endpoint).validated()
         settings = FederationSettings(
             name=name or hub_dir.resolve().name or "feddiffuse", preset=preset, method=method,
             rounds=rounds, local_epochs=local_epochs, min_clients=min_clients,
             round_timeout_s=round_timeout, seed=seed, batch_size=batch_size, lr=lr,
             recipe=recipe, uplink_codec=uplink_codec, downlink_codec=downlink_codec,
             privacy=None if privacy is None else privacy.model_dump())
-        token, version_ = init_hub(hub_dir, settings)
+        token, version_ = init_hub(hub_dir, settings, backends=backends)
     typer.echo(f"Created hub {settings.name!r} in {hub_dir}: {method} on {preset}, {rounds} "
                f"round(s) x {local_epochs} local epoch(s), quorum {min_clients}, recipe "
                f"{recipe}, codecs up {uplink_codec} / down {downlink_codec}; initial "
@@ -113,7 +132,12 @@ def init(
 
 @app.command()
 def serve(
-    hub_dir: HubDir,
+    hub_dir: Annotated[Path | None, typer.Argument(
+        help="The hub directory (optional with --store and --blobs).", show_default=False)
+    ] = None,
+    store: StoreOption = None,
+    blobs: BlobsOption = None,
+    s3_endpoint: EndpointOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     tls_cert: Annotated[Path | None, typer.Option(help="TLS certificate (PEM).")] = None,
@@ -129,14 +153,25 @@ def serve(
         help="Uploads received at once; one more is answered 503 with Retry-After.")
     ] = ServeLimits.max_uploads_in_progress,
 ) -> None:
-    """Serve the hub's API with uvicorn (one log line per request and per round event)."""
+    """Serve the hub's API with uvicorn (one log line per request and per round event). A
+    hub in PostgreSQL can be served by any number of these processes at once."""
     import uvicorn
 
     from ..app import create_app
+    from ..backends import Backends
     from ..coordinator import Hub
+    from ..paths import HubPaths
     from ..server import uvicorn_config
 
     with user_errors():
+        given = Backends(store, blobs, s3_endpoint)
+        if hub_dir is None and (store is None or blobs is None):
+            fail("Give the hub directory, or both --store and --blobs.")
+        if hub_dir is not None and not given.embedded:
+            if given != Backends.of(HubPaths(hub_dir)):
+                fail(f"--store, --blobs and --s3-endpoint differ from {hub_dir}'s hub.json; "
+                     "give the directory alone, or the options alone.")
+        backends = given.validated() if hub_dir is None else None
         if (tls_cert is None) != (tls_key is None):
             fail("Give both --tls-cert and --tls-key, or neither.")
         for f in (tls_cert, tls_key):
@@ -151,12 +186,13 @@ def serve(
                              max_uploads_in_progress=max_uploads).validated()
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
                             "%(name)s: %(message)s", force=True)
-        hub = Hub.open(hub_dir, serve=True)
+        hub = Hub.open(hub_dir, serve=True, backends=backends)
     scheme = "https" if tls_cert else "http"
     try:
         logging.getLogger("feddiffuse.hub").info(
-            "serving %r on %s://%s:%d/api/v1 (docs at /api/v1/docs)", hub.settings.name,
-            scheme, host, port)
+            "serving %r on %s://%s:%d/api/v1 (docs at /api/v1/docs)%s", hub.settings.name,
+            scheme, host, port, " as a replica (the one holding the lease runs the rounds)"
+            if hub.replicated else "")
         config = uvicorn_config(create_app(hub, limits=limits), limits, host=host, port=port,
                                 ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None,
@@ -212,6 +248,25 @@ def export(
             if version_ == fed.sample_version else "global model")
     typer.echo(f"Wrote the {state} {what} (version {version_[:16]}..., "
                f"{size / 1e6:.2f} MB) to {out}.")
+
+
+@app.command()
+def migrate(
+    src_dir: Annotated[Path, typer.Argument(help="An embedded hub (SQLite) to move.",
+                                            show_default=False)],
+    store: Annotated[str, typer.Option("--store", help="The empty PostgreSQL database to "
+                                       "move it into: postgresql://USER@HOST:PORT/DATABASE.",
+                                       show_default=False)],
+    blobs: BlobsOption = None,
+    s3_endpoint: EndpointOption = None,
+) -> None:
+    """Move an embedded hub's state into PostgreSQL (and its blobs into S3 with --blobs);
+    the directory then names them in hub.json. Stop `serve` first."""
+    from ..migrate import migrate_hub
+
+    with user_errors():
+        report = migrate_hub(src_dir, store, blobs=blobs, s3_endpoint=s3_endpoint)
+    typer.echo(report)
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from ..paths import HubPaths
-from ..store import HubStore, open_store
+from ..backends import open_hub_store
+from ..store import HubStore
 from ..tokens import create_client_token, revoke_client_token
 from ._common import HubDir, user_errors
 
@@ -23,7 +23,7 @@ token_app = typer.Typer(help="Create, list and revoke client tokens; rotate the 
 
 @contextmanager
 def _store(hub_dir: Path) -> Iterator[HubStore]:
-    store = open_store(HubPaths(hub_dir).require_hub().db)
+    store = open_hub_store(hub_dir)
     try:
         yield store
     finally:

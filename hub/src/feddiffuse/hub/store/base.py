@@ -118,6 +118,11 @@ class TokenRevoked(Exception):
     """An upload's token was revoked before the upload was recorded."""
 
 
+class RoundNotOpen(Exception):
+    """An upload's round stopped taking uploads (another replica closed it) before the upload
+    was recorded."""
+
+
 @dataclass(frozen=True)
 class EventRow:
     id: int
@@ -253,9 +258,9 @@ class HubStore(ABC):
     @abstractmethod
     def add_upload(self, row: UploadRow, event: NewEvent) -> bool:
         """False (and nothing written) if the client already has an upload for the round.
-        Raises TokenRevoked (nothing written) if the client's token is no longer active: the
-        check and the write are one step, so a revocation lands before or after, never
-        between."""
+        Raises TokenRevoked (nothing written) if the client's token is no longer active, and
+        RoundNotOpen if the round is no longer open: the checks and the write are one step,
+        so a revocation or a close (by any process) lands before or after, never between."""
 
     @abstractmethod
     def add_downloads(self, totals: Sequence[DownloadTotal]) -> None:
