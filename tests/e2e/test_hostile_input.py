@@ -717,12 +717,18 @@ def test_numbers_too_long_for_int_in_headers_are_no_500(world):
     assert_nothing_kept(world)
 
 
-@pytest.mark.parametrize(("which", "examples"), [("world", 160), ("compressed_world", 80)])
-def test_the_receiver_accepts_only_valid_deltas(request, which, examples):
+def test_the_receiver_accepts_only_valid_deltas(world):
     """Mutations and random bytes into the streaming receiver, with any chunking: a refusal
-    is a HubError with an upload code (no other exception), an acceptance is a valid delta
-    (an fp32 one, or one in the federation's top-k+int8 uplink codec)."""
-    world = request.getfixturevalue(which)
+    is a HubError with an upload code (no other exception), an acceptance is a valid delta."""
+    fuzz_the_receiver(world, 160)
+
+
+def test_the_receiver_accepts_only_valid_compressed_deltas(compressed_world):
+    """The same, for a federation whose uplink codec is top-k+int8."""
+    fuzz_the_receiver(compressed_world, 80)
+
+
+def fuzz_the_receiver(world: World, examples: int) -> None:
     hub = world.hub
     tally = {"accepted": 0, "refused": 0}
 
@@ -797,12 +803,19 @@ def test_a_bad_compressed_update_is_a_422_and_changes_nothing(compressed_world, 
     assert w.hub.store.uploads(1) == [] and temp_files(w.root) == []
 
 
-@pytest.mark.parametrize(("which", "examples"), [("world", 50), ("compressed_world", 30)])
-def test_the_upload_endpoint_refuses_malformed_bodies_cleanly(request, which, examples):
+def test_the_upload_endpoint_refuses_malformed_bodies_cleanly(world):
     """The same mutations over HTTP (the ones the reference reading refuses), with a right,
     wrong or path-like X-Content-SHA256: a JSON 4xx each time, nothing kept; then the honest
     upload is taken and is the only one recorded."""
-    world = request.getfixturevalue(which)
+    refuse_malformed_uploads(world, 50)
+
+
+def test_the_upload_endpoint_refuses_malformed_compressed_bodies_cleanly(compressed_world):
+    """The same, for a federation whose uplink codec is top-k+int8."""
+    refuse_malformed_uploads(compressed_world, 30)
+
+
+def refuse_malformed_uploads(world: World, examples: int) -> None:
     auth = {"Authorization": f"Bearer {world.tokens['alice']}"}
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=FAST)
