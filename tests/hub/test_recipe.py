@@ -107,9 +107,10 @@ def test_a_hub_made_before_recipes_opens_with_the_papers(tmp_path, kit):
 
 
 def _back_to_schema_3(db: sqlite3.Connection) -> None:
-    """Undo schema 4: no codecs."""
+    """Undo schema 4: no codecs, no privacy settings."""
     db.execute("ALTER TABLE federation DROP COLUMN uplink_codec")
     db.execute("ALTER TABLE federation DROP COLUMN downlink_codec")
+    db.execute("ALTER TABLE federation DROP COLUMN privacy")
     db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
 

@@ -81,6 +81,7 @@ def result_rows(outcomes: Sequence[CellOutcome]) -> tuple[list[dict], list[str]]
     rows = []
     for o in outcomes:
         c, r = o.cell, o.report
+        config = r.get("config") or {}  # a report written before codecs: fp32 both ways
         totals = r["ledger"]["totals"]
         row = {"cell": c.id, "method": c.label, "clients": c.clients, "split": c.split,
                "local_epochs": c.local_epochs, "rounds": c.rounds, "group_epochs": c.group_epochs,
@@ -88,8 +89,8 @@ def result_rows(outcomes: Sequence[CellOutcome]) -> tuple[list[dict], list[str]]
                "protocol": (r.get("protocol") or {}).get("protocol", "product"),
                "images": r["dataset"]["images"],
                "eval_samples": (r.get("evaluation") or {}).get("samples"),
-               "codecs": (f"{r['config'].get('uplink_codec', 'fp32')}/"
-                          f"{r['config'].get('downlink_codec', 'fp32')}")}
+               "codecs": (f"{config.get('uplink_codec', 'fp32')}/"
+                          f"{config.get('downlink_codec', 'fp32')}")}
         row["headline"] = "mean over clients" if _personal(r) else "one model"
         for m in metrics:
             row[m] = headline(r, m)
