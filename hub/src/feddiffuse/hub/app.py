@@ -173,7 +173,8 @@ class HubMiddleware:
                 seen["out"] += len(message.get("body", b""))
             await send(message)
 
-        if self.hub.due():  # reads only; e.g. a round whose deadline passed closes first
+        # Reads only, O(1): e.g. a round whose deadline passed closes before this request.
+        if self.hub.due(quick=True):
             await _run(self.hub.advance)
         try:
             await self.app(scope, guarded_receive, guarded_send)
@@ -187,7 +188,13 @@ class HubMiddleware:
                             printable(scope["method"], 20), printable(scope["path"]),
                             printable(query), seen["status"], _size(seen["in"]),
                             _size(seen["out"]), time.perf_counter() - started)
-        await _run(self.hub.tick)
+        # What a request can change for the rounds (an upload, an admin's close, extend or
+        # revocation) is acted on at once, and so is what the quick check saw due (a closing
+        # round is aggregated after the answer); a read changes nothing else, and the
+        # background tick catches what the CLI moves. Under a storm this spares every read
+        # the round's O(participants) check.
+        if scope["method"] not in ("GET", "HEAD") or self.hub.due(quick=True):
+            await _run(self.hub.tick)
 
 
 async def _run(step) -> None:

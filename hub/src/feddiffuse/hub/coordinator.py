@@ -277,8 +277,8 @@ class Hub:
     def advance(self) -> bool:
         return self.rounds.advance()
 
-    def due(self) -> bool:
-        return self.rounds.due()
+    def due(self, quick: bool = False) -> bool:
+        return self.rounds.due(quick)
 
     def close_round_now(self) -> HubStatus:
         self.rounds.close_round_now()

@@ -128,9 +128,12 @@ class RoundLifecycle:
         if self.advance():
             self._aggregate(self.store.federation().current_round)
 
-    def due(self) -> bool:
+    def due(self, quick: bool = False) -> bool:
         """Whether `advance` has anything to do: reads only, no lock, so that a request can
-        ask without queueing behind uploads being committed."""
+        ask without queueing behind uploads being committed. `quick`: only what time or an
+        admin's enrolment moves (a pending round, a closing one, a passed deadline), in O(1)
+        reads, without the round's participants and uploads: what uploads and revocations
+        change is checked after each upload or admin request and by the background tick."""
         if not self._serving():
             return False
         fed = self.store.federation()
@@ -144,6 +147,8 @@ class RoundLifecycle:
                     or ("pending", fed.current_round) not in self._noted)
         if row.status != OPEN:
             return True
+        if quick:
+            return row.deadline is not None and self.clock() >= row.deadline
         view = round_view(self.store, row.round)
         if not view.awaited or (row.deadline is not None and self.clock() >= row.deadline):
             return True
