@@ -123,8 +123,9 @@ def test_compressed_federation_bytes_equal_comm_to_the_byte(tmp_path, data, fede
     fed.start_hub()
     for c in fed.clients:
         fed.start_client(c)
-    status = fed.wait_for(lambda s: s.federation.finished, what="the federation to finish")
-    fed.wait_clients()
+    fed.wait_for(lambda s: s.federation.finished, what="the federation to finish")
+    fed.wait_clients()  # they fetch the final model, then leave: read the bytes after that
+    status = fed.status()
     assert status.federation.uplink_codec == up_codec
     assert all(h.missing == [] and len(h.reported) == 2 for h in status.history)
     res = subprocess.run([str(BIN / "feddiffuse"), "comm", "--preset", "tiny", "--method",
