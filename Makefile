@@ -44,7 +44,7 @@ demo: $(STAMP) data
 		--samples 64 --sample-steps 50 --eval-samples 500 --out runs/demo --replace
 
 test: $(STAMP) data servers
-	$(BIN)/lint-imports --config pyproject.toml
+	$(BIN)/lint-imports pyproject.toml
 	$(BIN)/ruff check shared hub edge_client tests benchmarks packaging
 	$(BIN)/mypy -p feddiffuse.hub -p feddiffuse.edge_client
 	$(BIN)/python -m pytest
