@@ -125,7 +125,7 @@ def init(
     if privacy is not None:
         typer.echo(f"Privacy: {privacy.describe()}"
                    + (f"; the budget allows {allowed} of the {rounds} rounds, after which the "
-                      "hub opens no more" if allowed < rounds else ""), err=True)
+                      "federation finishes" if allowed < rounds else ""), err=True)
     typer.echo("Admin token (shown once; keep it safe):", err=True)
     typer.echo(token)
 
