@@ -21,7 +21,6 @@ index bounds and order (which also makes them unique), and the declared codec.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -36,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from .errors import UserError, WireFormatError
-from .wire import PREFIX, ByteSink, _meta, read_header, write_tensors
+from .wire import PREFIX, ByteSink, _meta, read_header, stream_file, write_tensors
 
 INT8_BLOCK = 256  # values per int8 scale
 MAX_TOPK_FRACTION = Fraction(1, 2)  # past half, top-k costs more than the dense tensor
@@ -340,22 +339,8 @@ def write_payload(sink: ByteSink, wire: Mapping[str, torch.Tensor],
     for name, t in wire.items():
         dtype = next(k for k, v in _DTYPES.items() if v == t.dtype)
         spec[name] = (dtype, tuple(t.shape))
-    digest = hashlib.sha256()
-    total = 0
-
-    def put(data: bytes | memoryview) -> None:
-        nonlocal total
-        digest.update(data)
-        sink.write(data)
-        total += len(data)
-
-    header = _header(spec, metadata, codec)
-    put(len(header).to_bytes(8, "little"))
-    put(header)
-    for name in sorted(wire):
-        if wire[name].numel():
-            put(_raw(wire[name].to("cpu")))
-    return digest.hexdigest(), total
+    blocks = (_raw(wire[name].to("cpu")) for name in sorted(wire) if wire[name].numel())
+    return stream_file(sink, _header(spec, metadata, codec), blocks)
 
 
 def encode_payload(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object],

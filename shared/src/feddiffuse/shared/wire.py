@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -76,21 +77,25 @@ def write_tensors(sink: ByteSink, tensors: Mapping[str, torch.Tensor],
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}")
+
+    def blocks() -> Iterator[memoryview]:
+        for name in sorted(tensors):
+            array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
+            yield memoryview(array.astype("<f4", copy=False)).cast("B")
+
+    return stream_file(sink, _header_bytes(tensors, metadata, codec), blocks())
+
+
+def stream_file(sink: ByteSink, header: bytes,
+                blocks: Iterable[bytes | memoryview]) -> tuple[str, int]:
+    """Write a safetensors file (its header's length, the header, then the tensor bytes in
+    order) into `sink`, hashing as it goes; returns (sha256, size)."""
     digest = hashlib.sha256()
     total = 0
-
-    def put(data: bytes | memoryview) -> None:
-        nonlocal total
+    for data in itertools.chain((struct.pack("<Q", len(header)), header), blocks):
         digest.update(data)
         sink.write(data)
         total += len(data)
-
-    header = _header_bytes(tensors, metadata, codec)
-    put(struct.pack("<Q", len(header)))
-    put(header)
-    for name in sorted(tensors):
-        array = tensors[name].detach().to("cpu", torch.float32).contiguous().numpy()
-        put(memoryview(array.astype("<f4", copy=False)).cast("B"))
     return digest.hexdigest(), total
 
 
