@@ -90,58 +90,50 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     """Schema 1 had no recipe: such a hub trained with the paper's recipe and its lr/loss."""
     from feddiffuse.shared.recipes import PAPER
 
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        lr, loss, batch = db.execute("SELECT lr, loss, batch_size FROM federation").fetchone()
-        recipe = {**PAPER.to_dict(), "lr": lr, "loss": loss, "batch_size": batch}
-        db.execute("ALTER TABLE federation ADD COLUMN recipe TEXT NOT NULL DEFAULT '{}'")
-        db.execute("ALTER TABLE federation ADD COLUMN sample_version TEXT")
-        db.execute("UPDATE federation SET recipe = ?", (json.dumps(recipe, sort_keys=True),))
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+    lr, loss, batch = db.execute("SELECT lr, loss, batch_size FROM federation").fetchone()
+    recipe = {**PAPER.to_dict(), "lr": lr, "loss": loss, "batch_size": batch}
+    db.execute("ALTER TABLE federation ADD COLUMN recipe TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE federation ADD COLUMN sample_version TEXT")
+    db.execute("UPDATE federation SET recipe = ?", (json.dumps(recipe, sort_keys=True),))
 
 
 def _migrate_2_to_3(db: sqlite3.Connection) -> None:
     """Participants can be removed from a round; downloads are kept as totals."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute("ALTER TABLE participants ADD COLUMN removed_at REAL")
-        db.execute("ALTER TABLE participants ADD COLUMN removed_reason TEXT")
-        db.execute("CREATE TABLE download_totals (round INTEGER NOT NULL, client TEXT NOT "
-                   "NULL, version TEXT NOT NULL, segments TEXT NOT NULL, requests INTEGER NOT "
-                   "NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client, version, "
-                   "segments))")
-        db.execute("INSERT INTO download_totals SELECT round, client, version, segments, "
-                   "COUNT(*), SUM(bytes) FROM downloads GROUP BY round, client, version, "
-                   "segments")
-        db.execute("DROP TABLE downloads")
-        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+    db.execute("ALTER TABLE participants ADD COLUMN removed_at REAL")
+    db.execute("ALTER TABLE participants ADD COLUMN removed_reason TEXT")
+    db.execute("CREATE TABLE download_totals (round INTEGER NOT NULL, client TEXT NOT "
+               "NULL, version TEXT NOT NULL, segments TEXT NOT NULL, requests INTEGER NOT "
+               "NULL, bytes INTEGER NOT NULL, PRIMARY KEY (round, client, version, "
+               "segments))")
+    db.execute("INSERT INTO download_totals SELECT round, client, version, segments, "
+               "COUNT(*), SUM(bytes) FROM downloads GROUP BY round, client, version, "
+               "segments")
+    db.execute("DROP TABLE downloads")
 
 
 def _migrate_3_to_4(db: sqlite3.Connection) -> None:
     """Each direction has a codec (a federation created before codecs sends fp32 both ways),
     and a federation may be private (one created before had no DP)."""
+    for column in ("uplink_codec", "downlink_codec"):
+        db.execute(f"ALTER TABLE federation ADD COLUMN {column} TEXT NOT NULL "
+                   "DEFAULT 'fp32'")
+    db.execute("ALTER TABLE federation ADD COLUMN privacy TEXT")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+
+
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Schema `version` to the next, in one transaction with its version bump."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        for column in ("uplink_codec", "downlink_codec"):
-            db.execute(f"ALTER TABLE federation ADD COLUMN {column} TEXT NOT NULL "
-                       "DEFAULT 'fp32'")
-        db.execute("ALTER TABLE federation ADD COLUMN privacy TEXT")
-        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        _MIGRATIONS[version](db)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                   (str(version + 1),))
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
@@ -184,7 +176,7 @@ class SqliteStore(SqlStore):
         else:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             while row is not None and int(row[0]) in _MIGRATIONS:
-                _MIGRATIONS[int(row[0])](db)
+                _migrate(db, int(row[0]))
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'"
                                  ).fetchone()
             if row is None or int(row[0]) != SCHEMA_VERSION:
