@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from .errors import Cancelled, SetupError
 from .inputs import check_image_folder
 from .participant import describe_device, load_training_images
 from .sampling import current_model
-from .state import HubFolder
+from .state import HubFolder, new_png_path
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -88,17 +87,6 @@ def _sampler_words(sampler: dict | None) -> str:
     if not sampler:
         return "sampler unknown"
     return SamplerSpec(sampler["name"], sampler["steps"], sampler["clip_x0"]).describe()
-
-
-def new_audit_path(folder: Path, now: float | None = None) -> Path:
-    """A PNG path for an audit made now that no earlier audit has."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    path = folder / f"audit-{stamp}.png"
-    n = 2
-    while path.exists():
-        path = folder / f"audit-{stamp}-{n}.png"
-        n += 1
-    return path
 
 
 def audits_dir(store: HubFolder) -> Path:
@@ -164,7 +152,8 @@ def run_audit(store: HubFolder, data_dir: Path | str, n: int = 64, *, steps: int
                                       schedule=schedule, features=features, progress=report)
     except TooFewImages as exc:
         raise SetupError(str(exc)) from None
-    pairs_path = Path(out).expanduser() if out is not None else new_audit_path(audits_dir(store))
+    pairs_path = (Path(out).expanduser() if out is not None
+                  else new_png_path(audits_dir(store), "audit"))
     audit = ClientAudit(result, pairs_path, pairs_path.with_suffix(".json"), what,
                         Path(data_dir).expanduser().resolve())
     try:

@@ -90,6 +90,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def new_png_path(folder: Path, prefix: str, now: float | None = None) -> Path:
+    """A PNG path `<prefix>-<local time>.png` in `folder` that no earlier file has (a sample
+    grid, an audit's pairs)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path = folder / f"{prefix}-{stamp}.png"
+    n = 2
+    while path.exists():
+        path = folder / f"{prefix}-{stamp}-{n}.png"
+        n += 1
+    return path
+
+
 def known_hubs(home: Path | None = None) -> list[HubInfo]:
     """Every hub this machine has joined (holds a token for), most recently used first."""
     root = (home or client_home()) / "hubs"

@@ -8,7 +8,6 @@ without a note (drawn by an older client) are listed too, as of an unrecorded mo
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,17 +46,6 @@ class PastGrid:
             rounds += f" of {note.rounds}"
         model = f", model {note.model[:12]}" if note.model else ""
         return f"{when}: {note.images} images, {rounds}{model}"
-
-
-def new_grid_path(samples_dir: Path, now: float | None = None) -> Path:
-    """A PNG path for a grid made now that no earlier grid has."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    path = samples_dir / f"grid-{stamp}.png"
-    n = 2
-    while path.exists():
-        path = samples_dir / f"grid-{stamp}-{n}.png"
-        n += 1
-    return path
 
 
 def note_path(grid: Path) -> Path:

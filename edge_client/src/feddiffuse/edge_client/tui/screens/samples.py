@@ -25,7 +25,8 @@ from feddiffuse.shared.images import grid_image
 from ...errors import Cancelled
 from ...sampling import SampleResult, rounds_completed, sample_grid
 from ...session import Joined
-from ..grids import GridNote, PastGrid, new_grid_path, past_grids, write_note
+from ...state import new_png_path
+from ..grids import GridNote, PastGrid, past_grids, write_note
 from ..widgets.fields import NumberField
 from ..widgets.image_view import ImageView
 
@@ -190,7 +191,7 @@ class SamplesScreen(Screen):
     @work(thread=True, exclusive=True, group="sample")
     def generate(self, n: int, steps: int) -> None:
         store = self.joined.store
-        out = new_grid_path(store.samples_dir)
+        out = new_png_path(store.samples_dir, "grid")
         try:
             result = sample_grid(store, n, steps, out, device=self.joined.device,
                                  on_step=lambda i, total: self.post_message(
