@@ -26,13 +26,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import http.client
-import importlib.util
 import io
 import json
 import math
 import re
 import struct
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.hub_helpers import hub_helpers
 
 from feddiffuse.hub import Hub, create_app
 from feddiffuse.hub.blobs import is_sha256
@@ -60,21 +59,7 @@ from feddiffuse.shared.protocol import (
 )
 from feddiffuse.shared.wire import PREFIX, decode_tensors, encode_tensors, sha256_hex
 
-
-def _load_hub_helpers():
-    name = "_feddiffuse_tests_hub_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "hub" / "conftest.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-_hub_helpers = _load_hub_helpers()
+_hub_helpers = hub_helpers()
 Kit = _hub_helpers.Kit
 ThreadServer = _hub_helpers.ThreadServer
 

@@ -11,7 +11,6 @@ the same uploads can be sent to an embedded hub for the reference.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.hub_helpers import hub_helpers
 from support.net import free_port, wait_healthy
 from support.services import HAProxy
 from support.wait import poll_until
@@ -40,20 +40,7 @@ LEASE_LINE = "runs the round lifecycle now"
 FED = {"method": "usplit", "rounds": 2, "seed": 4, "clients": ("alice", "bob", "carol")}
 
 
-def _load_hub_helpers():
-    name = "_feddiffuse_tests_hub_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "hub" / "conftest.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-Kit = _load_hub_helpers().Kit
+Kit = hub_helpers().Kit
 
 
 class Replica:
