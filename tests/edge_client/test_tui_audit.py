@@ -61,17 +61,22 @@ async def test_a_on_samples_opens_the_audit_which_shows_its_result(tmp_path, fmn
         await wait_until(pilot, lambda: on_screen(app, SamplesScreen), what="back to Samples")
 
 
+async def open_audit_from_dashboard(app, pilot, store, folder):
+    """The dashboard of a client holding `store`'s model, then its audit screen (key a)."""
+    app.open_dashboard(joined(store, folder))
+    await wait_until(pilot, lambda: on_screen(app, Dashboard), what="the dashboard")
+    app.screen.set_focus(None)
+    await pilot.press("a")
+    await wait_until(pilot, lambda: on_screen(app, AuditScreen), what="the audit screen")
+    return app.screen
+
+
 async def test_the_audit_screen_flags_a_memorised_model(tmp_path, fmnist):
     store = holding(memorising.load_weights())
     folder = write_pngs(tmp_path / "own", fmnist[:64])
     app = ClientApp(devices=[("CPU", "cpu")], autostart=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.open_dashboard(joined(store, folder))
-        await wait_until(pilot, lambda: on_screen(app, Dashboard), what="the dashboard")
-        app.screen.set_focus(None)
-        await pilot.press("a")
-        await wait_until(pilot, lambda: on_screen(app, AuditScreen), what="the audit screen")
-        screen = app.screen
+        screen = await open_audit_from_dashboard(app, pilot, store, folder)
         screen.query_one("#audit-count", Input).value = "16"
         screen.query_one("#audit-steps", Input).value = "25"
         await pilot.press("g")
@@ -87,12 +92,7 @@ async def test_a_on_the_dashboard_opens_the_audit_and_a_missing_model_is_one_sen
     folder = write_pngs(tmp_path / "own", fmnist[:12])
     app = ClientApp(devices=[("CPU", "cpu")], autostart=False)
     async with app.run_test(size=(120, 40)) as pilot:
-        app.open_dashboard(joined(store, folder))
-        await wait_until(pilot, lambda: on_screen(app, Dashboard), what="the dashboard")
-        app.screen.set_focus(None)
-        await pilot.press("a")
-        await wait_until(pilot, lambda: on_screen(app, AuditScreen), what="the audit screen")
-        screen = app.screen
+        screen = await open_audit_from_dashboard(app, pilot, store, folder)
         await pilot.press("g")
         await wait_until(pilot, lambda: not screen.running and "no model" in text(
             screen, "#audit-status"), what="the missing model's sentence")
